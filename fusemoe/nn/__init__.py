@@ -1,0 +1,1 @@
+"""FuseMoE model building blocks: gates, experts, MoE layer, encoders, model."""
