@@ -1,1 +1,1 @@
-"""FuseMoE model code: gates, MoE layer, losses, mTAND encoders and the model (plain PyTorch)."""
+"""FuseMoE model building blocks: gates, experts, MoE layer, encoders, model."""
