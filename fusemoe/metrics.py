@@ -1,0 +1,107 @@
+"""Evaluation metrics: discrimination, calibration, thresholded scores, bootstrap intervals.
+
+Pure numpy + scikit-learn so the evaluate stage, the Ray workers and the benchmarks compute metrics
+the same way. Thresholds are always chosen on validation and applied unchanged to test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    f1_score,
+    mean_absolute_error,
+    mean_squared_error,
+    roc_auc_score,
+)
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """ECE with equal-width probability bins: sum_b |B|/n * |mean(y_b) - mean(p_b)|."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(y[sel].mean() - p[sel].mean())
+    return float(ece)
+
+
+def calibration_curve(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict]:
+    """Per-bin mean prediction vs observed rate (bins with no samples are left out)."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    return [
+        {"predicted": float(p[which == b].mean()), "observed": float(y[which == b].mean()),
+         "count": int((which == b).sum())}
+        for b in range(bins)
+        if (which == b).any()
+    ]
+
+
+def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The probability threshold maximising F1 (chosen on validation only)."""
+    candidates = np.unique(np.quantile(p, np.linspace(0.01, 0.99, 99)))
+    scores = [f1_score(y, p >= t, zero_division=0) for t in candidates]
+    return float(candidates[int(np.argmax(scores))])
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """AUROC, AUPRC, F1 at `threshold`, Brier score and ECE; NaN labels are dropped."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    keep = ~np.isnan(y)
+    y, p = y[keep].astype(int), p[keep]
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"binary metrics need both classes; got {len(y)} labels of one class")
+    return {
+        "auroc": float(roc_auc_score(y, p)),
+        "auprc": float(average_precision_score(y, p)),
+        "f1": float(f1_score(y, p >= threshold, zero_division=0)),
+        "brier": float(brier_score_loss(y, p)),
+        "ece": expected_calibration_error(y, p),
+        "n": int(len(y)),
+        "positive_rate": float(y.mean()),
+    }
+
+
+def regression_metrics(y: np.ndarray, yhat: np.ndarray) -> dict[str, float]:
+    y, yhat = np.asarray(y, float), np.asarray(yhat, float)
+    keep = ~np.isnan(y)
+    y, yhat = y[keep], yhat[keep]
+    return {
+        "mae": float(mean_absolute_error(y, yhat)),
+        "rmse": float(np.sqrt(mean_squared_error(y, yhat))),
+        "n": int(len(y)),
+    }
+
+
+def bootstrap_ci(
+    y: np.ndarray,
+    p: np.ndarray,
+    metric_names: tuple[str, ...] = ("auroc", "auprc"),
+    n_boot: int = 200,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals over samples (resamples lacking a class are skipped)."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    keep = ~np.isnan(y)
+    y, p = y[keep].astype(int), p[keep]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {m: [] for m in metric_names}
+    fns = {"auroc": roc_auc_score, "auprc": average_precision_score, "brier": brier_score_loss}
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() == y[idx].max():
+            continue
+        for m in metric_names:
+            draws[m].append(float(fns[m](y[idx], p[idx])))
+    return {
+        m: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2)))
+        for m, v in draws.items()
+        if v
+    }

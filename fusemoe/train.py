@@ -1,0 +1,283 @@
+"""One training loop for FuseMoE: CPU or GPU, a single process or one rank of many.
+
+The loop drives a DeepSpeed engine (ZeRO 0-2, optional expert parallelism) and knows nothing about
+Ray or MLflow: the caller passes `report(metrics, checkpoint_dir)` and, when resuming, the directory
+of the last checkpoint. Every rank saves its part of the DeepSpeed checkpoint into its own directory
+before calling `report`, so an orchestrator can merge and persist them (Ray Train does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from fusemoe.data.dataset import DataSpec, FlexiModalDataset, batch_to, collate, dataset_spec
+from fusemoe.data.flexi import load_manifest
+from fusemoe.metrics import binary_metrics, regression_metrics
+from fusemoe.nn.losses import task_loss
+from fusemoe.nn.model import FuseMoE, FuseMoEConfig
+
+MODEL_FILE = "model.pt"
+MODEL_CONFIG_FILE = "model_config.json"
+STATE_FILE = "train_state.json"
+
+Report = Callable[[dict, Path], None]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(model_params: dict, spec: DataSpec) -> FuseMoE:
+    return FuseMoE(FuseMoEConfig.from_params(model_params), spec)
+
+
+def select_tasks(spec: DataSpec, names: list[str]) -> DataSpec:
+    """Restrict a dataset's tasks to those being trained, with a clear error for unknown names."""
+    known = {t.name: t for t in spec.tasks}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"params.yaml train.tasks: unknown task(s) {unknown}; dataset has {sorted(known)}")
+    return DataSpec(series=spec.series, static_dim=spec.static_dim, tasks=[known[n] for n in names])
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    transform: Callable[[dict], dict] | None = None,
+) -> dict:
+    """Scores every sample of `loader`; returns stay ids, per-task outputs, labels and which
+    modalities each sample had, as numpy. `transform` may edit a batch first (e.g. drop modalities).
+    """
+    model.eval()
+    outs: dict[str, list] = {}
+    labels: dict[str, list] = {}
+    present: dict[str, list] = {}
+    stay_ids: list[str] = []
+    for batch in loader:
+        batch = batch_to(batch, device)
+        if transform is not None:
+            batch = transform(batch)
+        out = model(batch)
+        for m, flags in batch["present"].items():
+            present.setdefault(m, []).append(flags.cpu())
+        for task, logits in out.logits.items():
+            outs.setdefault(task, []).append(logits.float().cpu())
+            labels.setdefault(task, []).append(batch["labels"][task].float().cpu())
+        stay_ids.extend(batch["stay_id"])
+    return {
+        "stay_id": stay_ids,
+        "logits": {t: torch.cat(v).numpy() for t, v in outs.items()},
+        "labels": {t: torch.cat(v).numpy() for t, v in labels.items()},
+        "present": {m: torch.cat(v).numpy().astype(bool) for m, v in present.items()},
+    }
+
+
+def output_to_prediction(kind: str, logits: np.ndarray) -> np.ndarray:
+    """Turns raw head outputs into what users consume: probabilities or regression values."""
+    if kind in ("binary", "multilabel"):
+        p = 1.0 / (1.0 + np.exp(-logits))
+        return p[:, 0] if kind == "binary" and p.ndim == 2 else p
+    if kind == "multiclass":
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    return logits[:, 0] if logits.ndim == 2 else logits
+
+
+def task_metrics(pred: dict, spec: DataSpec, prefix: str) -> dict[str, float]:
+    """Flat metric dict (e.g. val_auroc_ihm) for every task of the spec."""
+    metrics: dict[str, float] = {}
+    for task in spec.tasks:
+        y = pred["labels"][task.name]
+        yhat = output_to_prediction(task.kind, pred["logits"][task.name])
+        if task.kind == "binary":
+            m = binary_metrics(y.reshape(-1), yhat.reshape(-1))
+            keys = ("auroc", "auprc", "brier", "ece")
+        elif task.kind == "regression":
+            m = regression_metrics(y.reshape(-1), yhat.reshape(-1))
+            keys = ("mae", "rmse")
+        else:
+            continue
+        metrics.update({f"{prefix}_{k}_{task.name}": m[k] for k in keys})
+    return metrics
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _init_distributed(backend: str) -> None:
+    """DeepSpeed needs a process group; a lone process gets a one-rank group on 127.0.0.1."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def save_model(model: torch.nn.Module, model_params: dict, spec: DataSpec, out_dir: Path) -> None:
+    """A self-contained copy of the weights and the config needed to rebuild the model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out_dir / MODEL_FILE)
+    (out_dir / MODEL_CONFIG_FILE).write_text(
+        json.dumps({"model": model_params, "spec": asdict(spec)}, indent=2)
+    )
+
+
+def load_model(model_dir: Path) -> tuple[FuseMoE, DataSpec]:
+    """Rebuilds a model saved by `save_model` (weights only, never pickled code)."""
+    from fusemoe.data.dataset import TaskSpec
+
+    cfg = json.loads((Path(model_dir) / MODEL_CONFIG_FILE).read_text())
+    s = cfg["spec"]
+    spec = DataSpec(
+        series=s["series"], static_dim=s["static_dim"], tasks=[TaskSpec(**t) for t in s["tasks"]]
+    )
+    model = build_model(cfg["model"], spec)
+    state = torch.load(Path(model_dir) / MODEL_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    return model, spec
+
+
+def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print) -> dict:
+    """Trains for `cfg["train"]["epochs"]` epochs, resuming from `restore_dir` when given.
+
+    cfg holds `data_dir` and the params.yaml sections `model`, `train`, `deepspeed`.
+    Returns {"metrics": last epoch's metrics, "history": every epoch's metrics}.
+    """
+    import deepspeed
+
+    from fusemoe.parallel.engine import deepspeed_config
+
+    tcfg, dcfg = cfg["train"], cfg["deepspeed"]
+    use_cuda = torch.cuda.is_available() and cfg.get("use_gpu", False)
+    _init_distributed("nccl" if use_cuda else "gloo")
+    rank, world = _rank(), _world()
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    set_seed(int(tcfg["seed"]))
+
+    data_dir = Path(cfg["data_dir"])
+    spec = select_tasks(dataset_spec(load_manifest(data_dir)), list(tcfg["tasks"]))
+    train_ds = FlexiModalDataset(data_dir, "train", max_stays=int(tcfg.get("max_train_stays", 0)))
+    val_ds = FlexiModalDataset(data_dir, "val")
+    sampler = DistributedSampler(
+        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=int(tcfg["seed"])
+    )
+    bs = int(tcfg["batch_size"])
+    train_loader = DataLoader(train_ds, batch_size=bs, sampler=sampler, collate_fn=collate)
+    # Every rank scores the whole validation set so expert-parallel all-to-alls stay in step.
+    val_loader = DataLoader(val_ds, batch_size=bs * 2, shuffle=False, collate_fn=collate)
+
+    model = build_model(cfg["model"], spec)
+    ep_size = int(dcfg.get("ep_size", 1))
+    if ep_size > 1:
+        from fusemoe.parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, ep_size)
+    ds_config = deepspeed_config(dcfg, micro_batch_size=bs, lr=float(tcfg["lr"]),
+                                 weight_decay=float(tcfg["weight_decay"]))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=_param_groups(model, float(tcfg["weight_decay"])),
+        config=ds_config,
+    )
+
+    start_epoch, history = 0, []
+    if restore_dir is not None:
+        engine.load_checkpoint(str(restore_dir), tag="ckpt")
+        state = json.loads((Path(restore_dir) / STATE_FILE).read_text())
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        log(f"[rank {rank}] resumed from {restore_dir} after epoch {state['epoch'] + 1}")
+
+    epochs = int(tcfg["epochs"])
+    metrics: dict = history[-1] if history else {}
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        engine.train()
+        total, n_batches, n_samples, routing_acc = 0.0, 0, 0, {}
+        for batch in train_loader:
+            batch = batch_to(batch, device)
+            out = engine(batch)
+            loss = task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}")
+            engine.backward(loss)
+            engine.step()
+            total += float(loss.detach())
+            n_batches += 1
+            n_samples += len(batch["stay_id"])
+            for k, v in out.routing.items():
+                if v.numel() == 1:
+                    routing_acc[k] = routing_acc.get(k, 0.0) + float(v)
+        train_s = time.perf_counter() - t0
+        pred = predict(engine.module, val_loader, device)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(n_batches, 1),
+            "samples_per_s": n_samples * world / max(train_s, 1e-9),
+            "epoch_s": time.perf_counter() - t0,
+            **{f"routing_{k}": v / max(n_batches, 1) for k, v in routing_acc.items()},
+            **task_metrics(pred, spec, "val"),
+        }
+        history.append(metrics)
+        eta = (epochs - epoch - 1) * metrics["epoch_s"]
+        if rank == 0:
+            primary = tcfg.get("primary_metric", "")
+            log(
+                f"epoch {epoch + 1}/{epochs} loss {metrics['train_loss']:.4f} "
+                f"{primary} {metrics.get(primary, math.nan):.4f} "
+                f"samples/s {metrics['samples_per_s']:.0f} ETA {eta:.0f}s",
+            )
+        with tempfile.TemporaryDirectory(prefix="fusemoe-ckpt-") as tmp:
+            ckpt = Path(tmp)
+            engine.save_checkpoint(str(ckpt), tag="ckpt")
+            full_model = _full_model(engine.module)  # a collective under expert parallelism
+            if rank == 0:
+                (ckpt / STATE_FILE).write_text(json.dumps({"epoch": epoch, "history": history}))
+                save_model(full_model, cfg["model"], spec, ckpt / "model")
+            report(metrics, ckpt)
+    return {"metrics": metrics, "history": history}
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups; expert parameters get their own groups so DeepSpeed reduces them per EP group."""
+    groups = [{"params": list(model.parameters()), "weight_decay": weight_decay, "name": "all"}]
+    try:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    except ImportError:
+        return groups
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def _full_model(model: torch.nn.Module) -> torch.nn.Module:
+    """With expert parallelism each rank holds a slice of the experts; gather them for saving."""
+    try:
+        from fusemoe.parallel.expert_parallel import gather_full_model
+    except ImportError:
+        return model
+    return gather_full_model(model)

@@ -1,0 +1,118 @@
+"""What every DVC stage shares: params, paths, atomic writes, run lineage."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path.cwd()
+TRAIN_DIR = Path("models/train")  # best checkpoint's weights + model_config.json + run.json
+RUN_FILE = TRAIN_DIR / "run.json"
+
+
+def stage_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="the params file (default params.yaml)")
+    return parser.parse_args()
+
+
+def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The requested sections of params.yaml, with a clear error when one is missing."""
+    path = Path(path)
+    if not path.is_file():
+        sys.exit(f"error: {path}: params file not found")
+    params = yaml.safe_load(path.read_text()) or {}
+    missing = [s for s in sections if s not in params]
+    if missing:
+        sys.exit(f"error: {path}: missing section(s) {missing}")
+    return {s: params[s] for s in sections} if sections else params
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Writes beside the target and renames, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=float)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Moves a fully written directory into place, replacing any older one."""
+    dst = Path(dst)
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_hash(data_dir: str | Path) -> str:
+    """One hash over the FlexiModal files: the dataset identity recorded with every run."""
+    h = hashlib.sha256()
+    for name in ("manifest.json", "stays.parquet", "events.parquet"):
+        h.update(file_sha256(Path(data_dir) / name).encode())
+    return h.hexdigest()
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"top_k": 2}} -> {"model.top_k": 2}, for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def tracking_uri(mlflow_params: dict) -> str:
+    """MLFLOW_TRACKING_URI wins; a relative sqlite path is anchored at the project directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow_params.get("tracking_uri", "sqlite:///mlflow.db")
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str((ROOT / uri[len(prefix):]).resolve())
+    return uri
+
+
+def read_run() -> dict:
+    if not RUN_FILE.is_file():
+        sys.exit(f"error: {RUN_FILE} not found: run the train stage first (dvc repro train)")
+    return json.loads(RUN_FILE.read_text())

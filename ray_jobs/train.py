@@ -1,0 +1,139 @@
+"""Ray Train job: a TorchTrainer whose workers run the FuseMoE DeepSpeed loop of fusemoe.train.
+
+Local by default (an embedded Ray on 127.0.0.1); set RAY_ADDRESS (or params `ray.address`) to run
+on a cluster. The Ray run is named after a hash of the configuration, so re-running an interrupted
+job with the same configuration resumes from its last checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import ray
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from fusemoe import train as fusemoe_train
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+def init_ray(ray_params: dict) -> None:
+    """Connects to RAY_ADDRESS / ray.address, or starts a local Ray bound to 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or ray_params.get("address") or None
+    env = {"env_vars": {"DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=int(ray_params.get("num_cpus", 2)),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env=env,
+            log_to_driver=True,
+        )
+
+
+def _worker(config: dict) -> dict:
+    """Runs on every Ray Train worker; rank 0 alone talks to MLflow."""
+    rank = ray.train.get_context().get_world_rank()
+    mlflow_run = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        import mlflow
+
+        mlflow.set_tracking_uri(config["tracking_uri"])
+        mlflow_run = mlflow.start_run(
+            run_id=config["mlflow_run_id"], log_system_metrics=config.get("system_metrics", True)
+        )
+
+    def report(metrics: dict, checkpoint_dir: Path) -> None:
+        if mlflow_run is not None:
+            import mlflow
+
+            step = int(metrics["epoch"])
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=step)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
+
+    try:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return fusemoe_train.train(config, report)
+        with checkpoint.as_directory() as restore_dir:
+            return fusemoe_train.train(config, report, Path(restore_dir))
+    finally:
+        if mlflow_run is not None:
+            import mlflow
+
+            mlflow.end_run()
+
+
+def run_training(
+    params: dict,
+    data_dir: Path,
+    run_name: str,
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> tuple[Path, dict, list[dict]]:
+    """Fits the model; returns (best checkpoint dir, its metrics, every epoch's metrics).
+
+    `params` holds the params.yaml sections model, train, deepspeed, ray.
+    """
+    rp, tp = params["ray"], params["train"]
+    storage = Path(rp["storage_path"]).resolve()
+    run_dir = storage / run_name
+    if (run_dir / COMPLETE_MARKER).exists():
+        # A finished run with this exact configuration: train again from scratch (deterministic).
+        shutil.rmtree(run_dir)
+    init_ray(rp)
+    use_gpu = bool(rp.get("use_gpu", False))
+    config = {
+        "data_dir": str(Path(data_dir).resolve()),
+        "model": params["model"],
+        "train": tp,
+        "deepspeed": params["deepspeed"],
+        "use_gpu": use_gpu,
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": tracking_uri,
+        "system_metrics": bool(params.get("mlflow", {}).get("system_metrics", True)),
+    }
+    resources = {"CPU": float(rp.get("cpus_per_worker", 1))}
+    if use_gpu:
+        resources["GPU"] = 1.0
+    primary = tp["primary_metric"]
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=int(rp["num_workers"]), use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=int(rp.get("keep_checkpoints", 2)),
+                checkpoint_score_attribute=primary,
+                checkpoint_score_order="max" if _higher_is_better(primary) else "min",
+            ),
+            failure_config=FailureConfig(max_failures=int(rp.get("max_failures", 1))),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    best = result.best_checkpoints or []
+    if not best:
+        raise RuntimeError(f"Ray run {run_name} finished without a checkpoint in {run_dir}")
+    sign = 1 if _higher_is_better(primary) else -1
+    checkpoint, metrics = max(best, key=lambda cm: sign * float(cm[1].get(primary, float("-inf"))))
+    history = list(result.return_value.get("history", [])) if isinstance(result.return_value, dict) else []
+    (run_dir / COMPLETE_MARKER).write_text("done\n")
+    return Path(checkpoint.path), metrics, history
+
+
+def _higher_is_better(metric: str) -> bool:
+    return not any(k in metric for k in ("loss", "brier", "ece", "mae", "rmse"))
