@@ -1,0 +1,151 @@
+"""The model as users consume it: an MLflow pyfunc that scores raw FlexiModal records.
+
+Input is one long table, the same shape as events.parquet plus the static descriptors as rows of
+the static modality: columns stay_id, modality, variable, time_h, value. The training manifest
+(modalities, variables, train-split normalisation) travels inside the model, so
+`mlflow.pyfunc.load_model("models:/<name>@champion").predict(records)` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+RECORD_COLUMNS = {"stay_id": "string", "modality": "string", "variable": "string",
+                  "time_h": "float", "value": "float"}
+
+
+class RecordsError(ValueError):
+    """Bad prediction input: names the column/row and what was expected."""
+
+
+def records_to_tables(records: pd.DataFrame, manifest: dict) -> tuple[pa.Table, pa.Table]:
+    """Long records -> (stays, events) tables in the manifest's FlexiModal layout, labels empty."""
+    missing = [c for c in RECORD_COLUMNS if c not in records.columns]
+    if missing:
+        raise RecordsError(f"records: missing column(s) {missing}; expected {list(RECORD_COLUMNS)}")
+    for col in ("time_h", "value"):
+        if not pd.api.types.is_numeric_dtype(records[col]):
+            bad = pd.to_numeric(records[col], errors="coerce").isna() & records[col].notna()
+            row = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
+            raise RecordsError(f"records: column '{col}' must be numeric; row {row} has "
+                               f"{records[col].iloc[row]!r}")
+    modalities = {m["name"]: m for m in manifest["modalities"]}
+    unknown = ~records["modality"].isin(list(modalities))
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise RecordsError(f"records: row {row}: unknown modality {records['modality'].iloc[row]!r}; "
+                           f"expected one of {list(modalities)}")
+    static = next((m for m in manifest["modalities"] if m["kind"] == "static"), None)
+    ids = pd.unique(records["stay_id"].astype(str))
+    stays = pd.DataFrame({"stay_id": ids, "split": "test"})
+    for task in manifest["tasks"]:
+        stays[task["column"]] = None
+    if static is not None:
+        rows = records[records["modality"] == static["name"]]
+        wide = rows.pivot_table(index="stay_id", columns="variable", values="value", aggfunc="first")
+        for v in static["variables"]:
+            col = wide[v] if v in wide.columns else pd.Series(dtype="float32")
+            stays[v] = stays["stay_id"].map(col).astype("float32")
+    events = records[records["modality"] != (static["name"] if static else None)][list(RECORD_COLUMNS)]
+    events = events.astype({"stay_id": str, "time_h": "float32", "value": "float32"})
+    return pa.Table.from_pandas(stays, preserve_index=False), pa.Table.from_pandas(
+        events, preserve_index=False
+    )
+
+
+class FuseMoEPyfunc(mlflow.pyfunc.PythonModel):
+    """Probabilities (binary tasks) or values (regression) per stay, from raw records."""
+
+    def load_context(self, context) -> None:
+        from fusemoe.train import load_model
+
+        self.model, self.spec = load_model(Path(context.artifacts["model_dir"]))
+        self.manifest = json.loads(Path(context.artifacts["manifest"]).read_text())
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return score_records(self.model, self.spec, self.manifest, model_input)
+
+
+def score_records(model, spec, manifest: dict, records: pd.DataFrame) -> pd.DataFrame:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from fusemoe.data.dataset import FlexiModalDataset, collate
+    from fusemoe.data.flexi import FlexiModalError
+    from fusemoe.train import output_to_prediction, predict
+
+    stays, events = records_to_tables(records, manifest)
+    try:
+        ds = FlexiModalDataset.from_tables(stays, events, manifest)
+    except FlexiModalError as e:
+        raise RecordsError(str(e)) from None
+    pred = predict(model, DataLoader(ds, batch_size=256, collate_fn=collate), torch.device("cpu"))
+    out = pd.DataFrame({"stay_id": pred["stay_id"]})
+    for task in spec.tasks:
+        if task.kind in ("binary", "regression"):
+            name = f"prob_{task.name}" if task.kind == "binary" else task.name
+            out[name] = output_to_prediction(task.kind, pred["logits"][task.name]).reshape(-1)
+    return out
+
+
+def example_records(data_dir: Path, n_stays: int = 2) -> pd.DataFrame:
+    """A few real test-split stays in record form: the model's input example."""
+    stays = pd.read_parquet(data_dir / "stays.parquet")
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    ids = stays.loc[stays["split"] == "test", "stay_id"].head(n_stays).tolist()
+    events = pd.read_parquet(data_dir / "events.parquet", filters=[("stay_id", "in", ids)])
+    events = events.astype({"modality": str, "variable": str})
+    static = next((m for m in manifest["modalities"] if m["kind"] == "static"), None)
+    parts = [events[list(RECORD_COLUMNS)]]
+    if static is not None:
+        s = stays[stays["stay_id"].isin(ids)].melt(
+            id_vars="stay_id", value_vars=static["variables"], var_name="variable", value_name="value"
+        ).dropna()
+        s["modality"], s["time_h"] = static["name"], 0.0
+        parts.append(s[list(RECORD_COLUMNS)])
+    return pd.concat(parts, ignore_index=True).astype({"time_h": "float32", "value": "float32"})
+
+
+def log_pyfunc_model(run_id: str, data_dir: Path, model_dir: Path = Path("models/train")) -> str:
+    """Logs the pyfunc (weights, config, manifest, signature, input example) to `run_id`."""
+    from mlflow.models import infer_signature
+
+    example = example_records(data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "manifest.json"
+        shutil.copy2(data_dir / "manifest.json", manifest)
+        artifacts = {"model_dir": str(model_dir), "manifest": str(manifest)}
+        py = FuseMoEPyfunc()
+
+        class _Ctx:  # the signature comes from a real prediction on the example
+            pass
+
+        ctx = _Ctx()
+        ctx.artifacts = artifacts
+        py.load_context(ctx)
+        signature = infer_signature(example, py.predict(ctx, example))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=FuseMoEPyfunc(),
+                artifacts=artifacts,
+                signature=signature,
+                input_example=example,
+                pip_requirements=_requirements(),
+            )
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "numpy", "pandas", "pyarrow", "scikit-learn",
+                                           "mlflow", "pyyaml")]
