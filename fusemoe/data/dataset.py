@@ -1,0 +1,258 @@
+"""Torch Dataset over a FlexiModal directory, and the collate that builds the Batch of INTERFACES.md.
+
+Memory-light by construction: Parquet is read once with Arrow, events are sorted by
+(stay, time, variable) with numpy, and each series modality is kept as flat arrays plus per-stay
+offsets. Observations of different variables at the same time share one time row, so a sample's
+series is `values[L, V]` with a mask. Values are z-scored with the manifest's train-only statistics.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset
+
+from fusemoe.data.flexi import (
+    EVENTS_FILE,
+    STAYS_FILE,
+    load_manifest,
+    norm_arrays,
+)
+from fusemoe.data.schema import SPLITS, series_modalities, static_variables
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str  # binary | regression | multiclass | multilabel
+    num_outputs: int = 1
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the model needs to know about the data: series widths, static width, task heads."""
+
+    series: dict[str, int]
+    static_dim: int
+    tasks: list[TaskSpec] = field(default_factory=list)
+
+
+def dataset_spec(manifest: dict) -> DataSpec:
+    return DataSpec(
+        series={m["name"]: len(m["variables"]) for m in series_modalities(manifest)},
+        static_dim=len(static_variables(manifest)),
+        tasks=[TaskSpec(t["name"], t["kind"], int(t["num_outputs"])) for t in manifest["tasks"]],
+    )
+
+
+def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    arr = col.combine_chunks()
+    if not pa.types.is_dictionary(arr.type):
+        arr = pc.dictionary_encode(arr)
+    return arr.indices.to_numpy(zero_copy_only=False).astype(np.int64), arr.dictionary.to_pylist()
+
+
+@dataclass
+class _Series:
+    """One modality of a split: time rows and observations, both grouped by stay via offsets."""
+
+    num_vars: int
+    row_times: np.ndarray  # f32[R]
+    row_offsets: np.ndarray  # i64[N+1]
+    obs_row: np.ndarray  # i32[O], global time row of each observation
+    obs_var: np.ndarray  # i16[O]
+    obs_val: np.ndarray  # f32[O], z-scored
+    obs_offsets: np.ndarray  # i64[N+1]
+
+
+class FlexiModalDataset(Dataset):
+    """Stays of one split (`split=None` or "all" for every stay) of a FlexiModal directory.
+
+    `tasks` restricts the labels returned (default: all tasks of the manifest); `max_stays > 0`
+    keeps only the first stays in file order (quick runs).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        split: str | None,
+        tasks: list[str] | None = None,
+        max_stays: int = 0,
+    ):
+        self.directory = Path(directory)
+        self.manifest = load_manifest(self.directory)
+        self.split = split
+        all_tasks = {t["name"]: t for t in self.manifest["tasks"]}
+        names = list(all_tasks) if tasks is None else list(tasks)
+        missing = [t for t in names if t not in all_tasks]
+        if missing:
+            raise ValueError(f"unknown task(s) {missing}; the manifest has {list(all_tasks)}")
+        self.tasks = [all_tasks[t] for t in names]
+        self.spec = dataset_spec(self.manifest)
+
+        stays = pq.read_table(self.directory / STAYS_FILE)
+        if split not in (None, "all"):
+            if split not in SPLITS:
+                raise ValueError(f"split must be one of {SPLITS} or 'all', got {split!r}")
+            stays = stays.filter(pc.equal(stays.column("split"), split))
+        if max_stays > 0:
+            stays = stays.slice(0, max_stays)
+        self.stay_ids: list[str] = stays.column("stay_id").to_pylist()
+        n = len(self.stay_ids)
+        self.labels = {t["name"]: _label_array(stays.column(t["column"]), t) for t in self.tasks}
+
+        self.static_name: str | None = None
+        static_vars = static_variables(self.manifest)
+        if static_vars:
+            self.static_name = next(
+                m["name"] for m in self.manifest["modalities"] if m["kind"] == "static"
+            )
+            mean, std = norm_arrays(self.manifest, self.static_name)
+            raw = np.stack(
+                [stays.column(v).to_numpy(zero_copy_only=False) for v in static_vars], axis=1
+            ).astype(np.float32)
+            self.static_mask = np.isfinite(raw).astype(np.float32)
+            self.static_values = np.where(self.static_mask > 0, (raw - mean) / std, 0.0).astype(
+                np.float32
+            )
+
+        events = pq.read_table(
+            self.directory / EVENTS_FILE, read_dictionary=["stay_id", "modality", "variable"]
+        )
+        stay_codes, stay_dict = _codes(events.column("stay_id"))
+        local = pc.index_in(pa.array(stay_dict, pa.string()), value_set=pa.array(self.stay_ids))
+        stay = local.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)[stay_codes]
+        keep = stay >= 0
+        mod_codes, mod_dict = _codes(events.column("modality"))
+        var_codes, var_dict = _codes(events.column("variable"))
+        time = events.column("time_h").to_numpy()
+        value = events.column("value").to_numpy()
+        del events
+        self.series: dict[str, _Series] = {}
+        for m in series_modalities(self.manifest):
+            name, variables = m["name"], m["variables"]
+            sel = keep & (mod_codes == (mod_dict.index(name) if name in mod_dict else -1))
+            vmap = np.array([variables.index(v) if v in variables else -1 for v in var_dict])
+            self.series[name] = _build_series(
+                n,
+                stay[sel],
+                time[sel],
+                vmap[var_codes[sel]],
+                value[sel],
+                *norm_arrays(self.manifest, name),
+            )
+
+    def __len__(self) -> int:
+        return len(self.stay_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        series = {}
+        for name, s in self.series.items():
+            r0, r1 = s.row_offsets[i], s.row_offsets[i + 1]
+            o0, o1 = s.obs_offsets[i], s.obs_offsets[i + 1]
+            values = np.zeros((r1 - r0, s.num_vars), np.float32)
+            mask = np.zeros((r1 - r0, s.num_vars), np.float32)
+            rows = s.obs_row[o0:o1] - r0
+            values[rows, s.obs_var[o0:o1]] = s.obs_val[o0:o1]
+            mask[rows, s.obs_var[o0:o1]] = 1.0
+            series[name] = {"times": s.row_times[r0:r1], "values": values, "mask": mask}
+        sample = {
+            "stay_id": self.stay_ids[i],
+            "series": series,
+            "labels": {t: lab[i] for t, lab in self.labels.items()},
+        }
+        if self.static_name is not None:
+            sample["static"] = {
+                "modality": self.static_name,
+                "values": self.static_values[i],
+                "mask": self.static_mask[i],
+            }
+        return sample
+
+
+def _label_array(col: pa.ChunkedArray, task: dict) -> np.ndarray:
+    """float32 labels with NaN for missing: [N] (binary, regression, class index) or [N, C]."""
+    if task["kind"] == "multilabel":
+        c = task["num_outputs"]
+        rows = col.to_pylist()
+        return np.array([r if r is not None else [np.nan] * c for r in rows], np.float32).reshape(
+            -1, c
+        )
+    arr = col.combine_chunks().cast(pa.float32())
+    return arr.fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float32)
+
+
+def _build_series(
+    n: int,
+    stay: np.ndarray,
+    time: np.ndarray,
+    var: np.ndarray,
+    value: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+) -> _Series:
+    order = np.lexsort((var, time, stay))
+    stay, time, var, value = stay[order], time[order], var[order], value[order]
+    new_row = np.ones(stay.size, bool)
+    new_row[1:] = (stay[1:] != stay[:-1]) | (time[1:] != time[:-1])
+    return _Series(
+        num_vars=len(mean),
+        row_times=time[new_row].astype(np.float32),
+        row_offsets=np.searchsorted(stay[new_row], np.arange(n + 1)).astype(np.int64),
+        obs_row=(np.cumsum(new_row) - 1).astype(np.int32),
+        obs_var=var.astype(np.int16),
+        obs_val=((value - mean[var]) / std[var]).astype(np.float32),
+        obs_offsets=np.searchsorted(stay, np.arange(n + 1)).astype(np.int64),
+    )
+
+
+def collate(samples: list[dict]) -> dict:
+    """Pad a list of samples into the Batch dict of docs/INTERFACES.md."""
+    b = len(samples)
+    first = samples[0]
+    batch: dict = {"series": {}, "present": {}}
+    for name in first["series"]:
+        lengths = [s["series"][name]["times"].shape[0] for s in samples]
+        v = first["series"][name]["values"].shape[1]
+        length = max(1, max(lengths))
+        values = np.zeros((b, length, v), np.float32)
+        mask = np.zeros((b, length, v), np.float32)
+        times = np.zeros((b, length), np.float32)
+        for j, (s, n) in enumerate(zip(samples, lengths, strict=True)):
+            x = s["series"][name]
+            values[j, :n], mask[j, :n], times[j, :n] = x["values"], x["mask"], x["times"]
+        batch["series"][name] = {
+            "values": torch.from_numpy(values),
+            "mask": torch.from_numpy(mask),
+            "times": torch.from_numpy(times),
+        }
+        batch["present"][name] = torch.tensor([n > 0 for n in lengths], dtype=torch.bool)
+    if "static" in first:
+        values = torch.from_numpy(np.stack([s["static"]["values"] for s in samples]))
+        mask = torch.from_numpy(np.stack([s["static"]["mask"] for s in samples]))
+        batch["static"] = {"values": values, "mask": mask}
+        batch["present"][first["static"]["modality"]] = mask.sum(1) > 0
+    batch["labels"] = {
+        t: torch.from_numpy(np.stack([np.asarray(s["labels"][t], np.float32) for s in samples]))
+        for t in first["labels"]
+    }
+    batch["stay_id"] = [s["stay_id"] for s in samples]
+    return batch
+
+
+def batch_to(batch, device: torch.device | str):
+    """Move every tensor of a (nested) batch to `device`; other values are returned unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(batch_to(v, device) for v in batch)
+    return batch

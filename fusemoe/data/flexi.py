@@ -1,0 +1,611 @@
+"""The FlexiModal on-disk format: strict validation, train-only statistics, atomic writing.
+
+A FlexiModal directory holds `stays.parquet`, `events.parquet` and `manifest.json` (format in
+docs/FLEXIMODAL.md). Every reader (PhysioNet 2012, synthetic, a user's own files) ends in
+`write_flexi`, so every dataset passes the same validator and gets statistics computed the same way.
+Errors are `FlexiModalError` with a one-line message naming file, row/record, column and problem;
+rows are 0-based row numbers of the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from fusemoe.data.schema import (
+    EVENTS_SCHEMA,
+    MODALITY_KINDS,
+    SCHEMA_VERSION,
+    SPLITS,
+    TASK_KINDS,
+    series_modalities,
+    static_variables,
+    stays_schema,
+    type_matches,
+)
+
+STAYS_FILE = "stays.parquet"
+EVENTS_FILE = "events.parquet"
+MANIFEST_FILE = "manifest.json"
+
+
+class FlexiModalError(ValueError):
+    """Bad input data. The message is one line: `file, where, column: problem`."""
+
+    def __init__(
+        self,
+        file: str | os.PathLike,
+        problem: str,
+        *,
+        row: int | None = None,
+        line: int | None = None,
+        record: str | None = None,
+        column: str | None = None,
+    ):
+        where = [str(file)]
+        if record is not None:
+            where.append(f"record {record}")
+        if line is not None:
+            where.append(f"line {line}")
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column '{column}'")
+        msg = ", ".join(where) + ": " + problem
+        super().__init__(" ".join(msg.split()))  # always one line
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def load_manifest(directory: str | os.PathLike) -> dict:
+    """Read and check `manifest.json` of a FlexiModal directory."""
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise FlexiModalError(path, "file not found")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlexiModalError(path, f"not valid JSON ({e})") from None
+    check_manifest(manifest, path)
+    return manifest
+
+
+def check_manifest(manifest: dict, file: str | os.PathLike = MANIFEST_FILE) -> None:
+    """The parts of a manifest a user must write: modalities and tasks (the rest is derived)."""
+
+    def bad(problem: str, column: str | None = None) -> FlexiModalError:
+        return FlexiModalError(file, problem, column=column)
+
+    if not isinstance(manifest, dict):
+        raise bad("manifest must be a JSON object")
+    version = str(manifest.get("schema_version", SCHEMA_VERSION))
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise bad(f"schema_version {version} is not compatible with {SCHEMA_VERSION}")
+    mods = manifest.get("modalities")
+    if not isinstance(mods, list) or not mods:
+        raise bad("'modalities' must be a non-empty list")
+    names: set[str] = set()
+    for m in mods:
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not m["name"]:
+            raise bad(f"modality entry {m!r} needs a non-empty 'name'")
+        name = m["name"]
+        if name in names:
+            raise bad(f"modality '{name}' is listed twice")
+        names.add(name)
+        if m.get("kind") not in MODALITY_KINDS:
+            raise bad(
+                f"modality '{name}' has kind {m.get('kind')!r}, expected one of {MODALITY_KINDS}"
+            )
+        var = m.get("variables")
+        if not isinstance(var, list) or not var or not all(isinstance(v, str) and v for v in var):
+            raise bad(f"modality '{name}' needs a non-empty list of variable names")
+        if len(set(var)) != len(var):
+            raise bad(f"modality '{name}' lists a variable twice")
+    if sum(m["kind"] == "static" for m in mods) > 1:
+        raise bad("at most one static modality is allowed")
+    tasks = manifest.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise bad("'tasks' must be a non-empty list")
+    columns = {"stay_id", "split", *static_variables(manifest)}
+    task_names: set[str] = set()
+    for t in tasks:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+            raise bad(f"task entry {t!r} needs a non-empty 'name'")
+        t.setdefault("column", t["name"])
+        if t.get("kind") not in TASK_KINDS:
+            raise bad(
+                f"task '{t['name']}' has kind {t.get('kind')!r}, expected one of {TASK_KINDS}"
+            )
+        n = t.setdefault("num_outputs", 1)
+        if not isinstance(n, int) or n < 1 or (t["kind"] == "multiclass" and n < 2):
+            raise bad(f"task '{t['name']}' has invalid num_outputs {n!r}")
+        if t["kind"] in ("binary", "regression") and n != 1:
+            raise bad(f"task '{t['name']}' of kind {t['kind']} must have num_outputs 1")
+        if t["name"] in task_names:
+            raise bad(f"task '{t['name']}' is listed twice")
+        task_names.add(t["name"])
+        if t["column"] in columns:
+            raise bad(f"task '{t['name']}' column '{t['column']}' collides with another column")
+        columns.add(t["column"])
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _np(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Numeric column to numpy with nulls as NaN (float) — nulls are checked separately."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_floating(arr.type):
+        return arr.to_numpy(zero_copy_only=False)
+    return arr.fill_null(0).to_numpy(zero_copy_only=False)
+
+
+def _check_columns(table: pa.Table, schema: pa.Schema, file: str) -> None:
+    expected = set(schema.names)
+    for name in table.column_names:
+        if name not in expected:
+            raise FlexiModalError(
+                file, "unknown column (not in the FlexiModal schema)", column=name
+            )
+    if len(set(table.column_names)) != len(table.column_names):
+        raise FlexiModalError(file, "duplicate column names")
+    for field in schema:
+        if field.name not in table.column_names:
+            raise FlexiModalError(file, "required column is missing", column=field.name)
+        actual = table.schema.field(field.name).type
+        if not type_matches(actual, field.type):
+            raise FlexiModalError(
+                file, f"wrong type {actual}, expected {field.type}", column=field.name
+            )
+
+
+def _strings(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[str]]:
+    """Dictionary codes (int64, -1 = null) and the dictionary of a string column."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not pa.types.is_dictionary(arr.type):
+        arr = pc.dictionary_encode(arr)
+    codes = arr.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return codes, arr.dictionary.to_pylist()
+
+
+def _check_no_nulls(table: pa.Table, file: str, columns: list[str]) -> None:
+    for name in columns:
+        col = table.column(name)
+        if col.null_count:
+            mask = pc.is_null(col).to_numpy(zero_copy_only=False)
+            raise FlexiModalError(file, "missing (null) value", row=_first(mask), column=name)
+
+
+def _check_finite(values: np.ndarray, file: str, column: str, what: str = "value") -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = _first(bad)
+        raise FlexiModalError(file, f"{what} is not finite ({values[i]})", row=i, column=column)
+
+
+def validate(
+    stays: pa.Table,
+    events: pa.Table,
+    manifest: dict,
+    *,
+    stays_file: str = STAYS_FILE,
+    events_file: str = EVENTS_FILE,
+    manifest_file: str = MANIFEST_FILE,
+) -> None:
+    """Strict check of a FlexiModal dataset; raises FlexiModalError on the first problem."""
+    check_manifest(manifest, manifest_file)
+    _validate_stays(stays, manifest, stays_file)
+    _validate_events(events, stays, manifest, events_file, stays_file)
+
+
+def _validate_stays(stays: pa.Table, manifest: dict, file: str) -> None:
+    _check_columns(stays, stays_schema(manifest), file)
+    _check_no_nulls(stays, file, ["stay_id", "split"])
+    ids = stays.column("stay_id").to_pandas()
+    empty = (ids.str.len() == 0).to_numpy()
+    if empty.any():
+        raise FlexiModalError(file, "empty stay_id", row=_first(empty), column="stay_id")
+    dup = ids.duplicated().to_numpy()
+    if dup.any():
+        i = _first(dup)
+        first = int(np.flatnonzero((ids == ids.iloc[i]).to_numpy())[0])
+        raise FlexiModalError(
+            file,
+            f"duplicate stay_id '{ids.iloc[i]}' (first at row {first})",
+            row=i,
+            column="stay_id",
+        )
+    split = stays.column("split").to_pandas().astype(str)
+    bad = ~split.isin(SPLITS).to_numpy()
+    if bad.any():
+        i = _first(bad)
+        raise FlexiModalError(
+            file, f"split '{split.iloc[i]}' is not one of {SPLITS}", row=i, column="split"
+        )
+    for s in SPLITS:
+        if not (split == s).any():
+            raise FlexiModalError(file, f"split '{s}' is empty (no stays)", column="split")
+    for t in manifest["tasks"]:
+        _validate_label(stays.column(t["column"]), t, file)
+    for v in static_variables(manifest):
+        col = stays.column(v)
+        vals = _np(col)
+        valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+        _check_finite(np.where(valid, vals, 0.0), file, v, "static value (use null for missing)")
+
+
+def _validate_label(col: pa.ChunkedArray, task: dict, file: str) -> None:
+    kind, name, n = task["kind"], task["column"], task["num_outputs"]
+    valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+    if kind == "multilabel":
+        for i, row in enumerate(col.to_pylist()):
+            if row is None:
+                continue
+            if len(row) != n or any(x not in (0, 1) for x in row):
+                raise FlexiModalError(
+                    file,
+                    f"multilabel label {row} must be {n} values in {{0,1}}",
+                    row=i,
+                    column=name,
+                )
+        return
+    vals = _np(col)
+    if kind == "regression":
+        _check_finite(
+            np.where(valid, vals, 0.0), file, name, "regression label (use null for missing)"
+        )
+        return
+    domain = (0, 1) if kind == "binary" else (0, n - 1)
+    bad = valid & ((vals < domain[0]) | (vals > domain[1]))
+    if bad.any():
+        i = _first(bad)
+        raise FlexiModalError(
+            file,
+            f"label {vals[i]} of task '{task['name']}' is outside its domain {domain[0]}..{domain[1]}",
+            row=i,
+            column=name,
+        )
+
+
+def _validate_events(
+    events: pa.Table, stays: pa.Table, manifest: dict, file: str, stays_file: str
+) -> None:
+    _check_columns(events, EVENTS_SCHEMA, file)
+    _check_no_nulls(events, file, EVENTS_SCHEMA.names)
+    time = _np(events.column("time_h"))
+    _check_finite(time, file, "time_h", "time")
+    neg = time < 0
+    if neg.any():
+        i = _first(neg)
+        raise FlexiModalError(file, f"negative time {time[i]} h", row=i, column="time_h")
+    _check_finite(_np(events.column("value")), file, "value")
+
+    series = series_modalities(manifest)
+    mod_codes, mod_dict = _strings(events.column("modality"))
+    known_mod = {m["name"]: k for k, m in enumerate(series)}
+    static_names = {m["name"] for m in manifest["modalities"] if m["kind"] == "static"}
+    mod_map = np.array([known_mod.get(m, -1) for m in mod_dict] + [-1], dtype=np.int64)
+    mod_idx = mod_map[mod_codes]
+    if (mod_idx < 0).any():
+        i = _first(mod_idx < 0)
+        name = mod_dict[mod_codes[i]]
+        why = (
+            "is static (static values belong in stays.parquet)"
+            if name in static_names
+            else ("is not a series modality of the manifest")
+        )
+        raise FlexiModalError(file, f"modality '{name}' {why}", row=i, column="modality")
+    var_codes, var_dict = _strings(events.column("variable"))
+    allowed = np.zeros((len(series), len(var_dict)), dtype=bool)
+    for k, m in enumerate(series):
+        names = set(m["variables"])
+        allowed[k] = [v in names for v in var_dict]
+    ok = allowed[mod_idx, var_codes]
+    if not ok.all():
+        i = _first(~ok)
+        raise FlexiModalError(
+            file,
+            f"unknown variable '{var_dict[var_codes[i]]}' for modality '{series[mod_idx[i]]['name']}'"
+            " (not in the manifest)",
+            row=i,
+            column="variable",
+        )
+    stay_ids = stays.column("stay_id").combine_chunks().cast(pa.string())
+    pos = pc.index_in(events.column("stay_id"), value_set=stay_ids)
+    pos_np = pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    if (pos_np < 0).any():
+        i = _first(pos_np < 0)
+        sid = events.column("stay_id")[i].as_py()
+        raise FlexiModalError(
+            file, f"stay_id '{sid}' is not in {stays_file}", row=i, column="stay_id"
+        )
+    has_events = np.bincount(pos_np, minlength=stays.num_rows) > 0
+    has_static = np.zeros(stays.num_rows, dtype=bool)
+    for v in static_variables(manifest):
+        has_static |= pc.is_valid(stays.column(v)).to_numpy(zero_copy_only=False)
+    empty = ~(has_events | has_static)
+    if empty.any():
+        i = _first(empty)
+        sid = stays.column("stay_id")[i].as_py()
+        raise FlexiModalError(
+            stays_file,
+            f"stay '{sid}' has no observations at all (no events, no static values)",
+            row=i,
+        )
+
+
+def read_tables(directory: str | os.PathLike) -> tuple[pa.Table, pa.Table]:
+    """Read stays and events Parquet files, turning read failures into FlexiModalError."""
+    out = []
+    for name in (STAYS_FILE, EVENTS_FILE):
+        path = Path(directory) / name
+        if not path.is_file():
+            raise FlexiModalError(path, "file not found")
+        try:
+            out.append(pq.read_table(path))
+        except (pa.ArrowException, OSError) as e:
+            raise FlexiModalError(path, f"not a readable Parquet file ({e})") from None
+    return out[0], out[1]
+
+
+def validate_dir(directory: str | os.PathLike) -> dict:
+    """Validate a FlexiModal directory; returns its manifest."""
+    d = Path(directory)
+    manifest = load_manifest(d)
+    stays, events = read_tables(d)
+    validate(
+        stays,
+        events,
+        manifest,
+        stays_file=str(d / STAYS_FILE),
+        events_file=str(d / EVENTS_FILE),
+        manifest_file=str(d / MANIFEST_FILE),
+    )
+    return manifest
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _stats(values: np.ndarray) -> dict:
+    if values.size == 0:
+        return {"mean": 0.0, "std": 1.0, "count": 0}
+    v = values.astype(np.float64)
+    std = float(v.std())
+    return {"mean": float(v.mean()), "std": std if std > 0 else 1.0, "count": int(v.size)}
+
+
+def _rate(x: np.ndarray) -> float | None:
+    return round(float(x.mean()), 6) if x.size else None
+
+
+def compute_statistics(stays: pa.Table, events: pa.Table, manifest: dict) -> dict:
+    """Derived manifest fields: norm (train split only), counts, label_rates, missingness."""
+    split = np.asarray(stays.column("split").to_pylist(), dtype=object)
+    split_masks = {s: split == s for s in SPLITS}
+    train = split_masks["train"]
+    n = stays.num_rows
+    stay_pos = _np(pc.index_in(events.column("stay_id"), value_set=stays.column("stay_id")))
+    stay_pos = stay_pos.astype(np.int64)
+    mod_codes, mod_dict = _strings(events.column("modality"))
+    var_codes, var_dict = _strings(events.column("variable"))
+    values = _np(events.column("value"))
+    in_train = train[stay_pos]
+
+    norm: dict[str, dict] = {}
+    missingness: dict[str, dict] = {"modality": {}, "variable": {}}
+    counts: dict = {
+        "stays": n,
+        "events": events.num_rows,
+        "splits": {s: int(m.sum()) for s, m in split_masks.items()},
+        "events_per_modality": {},
+        "stays_with_modality": {},
+    }
+    for m in manifest["modalities"]:
+        name = m["name"]
+        norm[name] = {}
+        missingness["variable"][name] = {}
+        if m["kind"] == "static":
+            present = np.zeros(n, dtype=bool)
+            for v in m["variables"]:
+                col = stays.column(v)
+                valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+                vals = _np(col)
+                norm[name][v] = _stats(vals[valid & train])
+                missingness["variable"][name][v] = _rate(~valid)
+                present |= valid
+        else:
+            mcode = mod_dict.index(name) if name in mod_dict else -2
+            in_mod = mod_codes == mcode
+            present = np.bincount(stay_pos[in_mod], minlength=n) > 0
+            counts["events_per_modality"][name] = int(in_mod.sum())
+            for v in m["variables"]:
+                vcode = var_dict.index(v) if v in var_dict else -2
+                sel = in_mod & (var_codes == vcode)
+                norm[name][v] = _stats(values[sel & in_train])
+                has = np.bincount(stay_pos[sel], minlength=n) > 0
+                missingness["variable"][name][v] = _rate(~has)
+        counts["stays_with_modality"][name] = int(present.sum())
+        missingness["modality"][name] = {"all": _rate(~present)} | {
+            s: _rate(~present[mask]) for s, mask in split_masks.items()
+        }
+
+    label_rates: dict[str, dict] = {}
+    for t in manifest["tasks"]:
+        col = stays.column(t["column"])
+        valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+        entry: dict = {"missing": int((~valid).sum())}
+        if t["kind"] in ("binary", "regression"):
+            vals = _np(col).astype(np.float64)
+            key = "positive_rate" if t["kind"] == "binary" else "mean"
+            entry[key] = {"all": _rate(vals[valid])} | {
+                s: _rate(vals[valid & mask]) for s, mask in split_masks.items()
+            }
+        elif t["kind"] == "multiclass":
+            vals = _np(col).astype(np.int64)[valid]
+            entry["class_rates"] = [_rate(vals == c) for c in range(t["num_outputs"])]
+        else:
+            rows = np.array([r for r in col.to_pylist() if r is not None], dtype=np.float64)
+            entry["positive_rates"] = rows.mean(0).round(6).tolist() if rows.size else None
+        label_rates[t["name"]] = entry
+    return {"norm": norm, "counts": counts, "label_rates": label_rates, "missingness": missingness}
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _as_table(data: pa.Table | pd.DataFrame) -> pa.Table:
+    if isinstance(data, pd.DataFrame):
+        return pa.Table.from_pandas(data, preserve_index=False)
+    return data
+
+
+def _normalise_events(events: pa.Table) -> pa.Table:
+    """Store modality/variable as dictionaries and stay_id as plain string (lossless)."""
+    cols = {}
+    for field in EVENTS_SCHEMA:
+        col = events.column(field.name)
+        if pa.types.is_dictionary(field.type):
+            if not pa.types.is_dictionary(col.type):
+                col = pc.dictionary_encode(col)
+            col = col.cast(field.type)
+        elif field.name == "stay_id":
+            col = col.cast(pa.string())
+        cols[field.name] = col
+    return pa.table(cols, schema=EVENTS_SCHEMA)
+
+
+def _normalise_stays(stays: pa.Table, manifest: dict) -> pa.Table:
+    schema = stays_schema(manifest)
+    cols = {}
+    for field in schema:
+        col = stays.column(field.name)
+        if field.name in ("stay_id", "split"):
+            col = col.cast(pa.string())
+        elif pa.types.is_list(field.type) and not pa.types.is_list(col.type):
+            col = col.cast(field.type)
+        cols[field.name] = col
+    return pa.table(cols, schema=schema)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_flexi(
+    directory: str | os.PathLike,
+    stays: pa.Table | pd.DataFrame,
+    events: pa.Table | pd.DataFrame,
+    manifest: dict,
+) -> dict:
+    """Validate, complete the manifest (train-only norm etc.) and write atomically; returns it.
+
+    Output goes to a temp dir beside the target, which then replaces the target by rename, so a
+    failure at any point leaves either the old directory or nothing, never a partial one.
+    """
+    stays, events = _as_table(stays), _as_table(events)
+    manifest = json.loads(json.dumps(manifest))  # deep copy; also proves it is JSON-serialisable
+    manifest["schema_version"] = SCHEMA_VERSION
+    manifest.setdefault("source", "unknown")
+    manifest.setdefault("source_hashes", {})
+    validate(
+        stays, events, manifest, stays_file="stays (to write)", events_file="events (to write)"
+    )
+    stays = _normalise_stays(stays, manifest)
+    events = _normalise_events(events)
+    manifest.update(compute_statistics(stays, events, manifest))
+
+    target = Path(directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        pq.write_table(stays, tmp / STAYS_FILE)
+        pq.write_table(events, tmp / EVENTS_FILE, row_group_size=1 << 20)
+        manifest["files"] = {name: sha256_file(tmp / name) for name in (STAYS_FILE, EVENTS_FILE)}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace_dir(src: Path, target: Path) -> None:
+    """Swap `src` into place of `target` with renames (os.replace cannot overwrite a full dir)."""
+    if not target.exists():
+        os.replace(src, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old.rmdir()
+    os.replace(target, old)
+    try:
+        os.replace(src, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def norm_arrays(manifest: dict, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) float32 vectors in the modality's variable order."""
+    m = next(x for x in manifest["modalities"] if x["name"] == modality)
+    stats = manifest["norm"][modality]
+    mean = np.array([stats[v]["mean"] for v in m["variables"]], dtype=np.float32)
+    std = np.array([stats[v]["std"] or 1.0 for v in m["variables"]], dtype=np.float32)
+    std[~np.isfinite(std) | (std <= 0)] = 1.0
+    mean[~np.isfinite(mean)] = 0.0
+    return mean, std
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def assign_splits(
+    df: pd.DataFrame,
+    fractions: tuple[float, float, float] | list[float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    stratify_col: str | None = None,
+) -> np.ndarray:
+    """Seeded train/val/test assignment, stratified on `stratify_col` (null is its own stratum).
+
+    Returns an array of split names aligned with `df`'s rows. Reusable so a benchmark can re-split
+    the same stays (e.g. 80/10/10 over 5 seeds) without re-reading the raw data.
+    """
+    fr = np.asarray(fractions, dtype=np.float64)
+    if fr.shape != (3,) or (fr < 0).any() or not np.isclose(fr.sum(), 1.0):
+        raise ValueError(
+            f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}"
+        )
+    n = len(df)
+    if stratify_col is None:
+        strata = np.zeros(n, dtype=np.int64)
+    else:
+        key = pd.Series(df[stratify_col]).reset_index(drop=True)
+        strata = pd.factorize(key.astype("string").fillna("<null>"), sort=True)[0]
+    rng = np.random.default_rng(seed)
+    out = np.empty(n, dtype=object)
+    for s in np.unique(strata):
+        idx = rng.permutation(np.flatnonzero(strata == s))
+        bounds = np.round(np.cumsum(fr) * len(idx)).astype(int)
+        for name, lo, hi in zip(SPLITS, np.r_[0, bounds[:-1]], bounds, strict=True):
+            out[idx[lo:hi]] = name
+    return out
