@@ -7,7 +7,9 @@ Every gate maps tokens x [N, d] to expert logits [N, E] and picks the top-K expe
   expansion switched off), never as ``||x||^2 + ||w||^2 - 2 x.w``, which cancels catastrophically
   for near points in low precision;
 - the mixing weights of the selected experts are a softmax over the top-K logits only, so they sum
-  to 1 per token and the selected experts compete only with each other (FuseMoE / Switch style);
+  to 1 per token and the selected experts compete only with each other (as in FuseMoE / Mixtral).
+  For K = 1 that weight would be the constant 1 and the gate would get no task gradient, so top-1
+  uses the selected expert's probability under the full softmax instead (Switch Transformer);
 - optional training noise (Gaussian, std ``noise_std``) perturbs the logits used for *selection and
   mixing* while the model is training; in eval mode routing is deterministic;
 - ``probs`` is the full, noise-free router distribution softmax(logits) [N, E], used by the
@@ -32,7 +34,7 @@ class GateOutput:
     logits: Tensor  # [N, E] noise-free router logits
     probs: Tensor  # [N, E] softmax(logits): the full router distribution, for losses
     topk_idx: Tensor  # long [N, K] selected experts per token
-    topk_weights: Tensor  # [N, K] softmax over the selected (possibly noisy) logits; rows sum to 1
+    topk_weights: Tensor  # [N, K] softmax over the selected (possibly noisy) logits (K > 1)
 
 
 class Gate(nn.Module):
@@ -62,12 +64,11 @@ class Gate(nn.Module):
         if self.training and self.noise_std > 0:
             select = logits + torch.randn_like(logits) * self.noise_std
         top_logits, topk_idx = select.topk(self.top_k, dim=-1)
-        return GateOutput(
-            logits=logits,
-            probs=logits.softmax(dim=-1),
-            topk_idx=topk_idx,
-            topk_weights=top_logits.softmax(dim=-1),
-        )
+        if self.top_k == 1:
+            weights = select.softmax(dim=-1).gather(1, topk_idx)
+        else:
+            weights = top_logits.softmax(dim=-1)
+        return GateOutput(logits, logits.softmax(dim=-1), topk_idx, weights)
 
 
 def _distance(x: Tensor, w: Tensor) -> Tensor:
