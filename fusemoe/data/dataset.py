@@ -22,10 +22,13 @@ from torch.utils.data import Dataset
 from fusemoe.data.flexi import (
     EVENTS_FILE,
     STAYS_FILE,
+    FlexiModalError,
+    check_manifest,
     load_manifest,
     norm_arrays,
+    validate_events,
 )
-from fusemoe.data.schema import SPLITS, series_modalities, static_variables
+from fusemoe.data.schema import LABEL_TYPES, SPLITS, series_modalities, static_variables
 
 
 @dataclass(frozen=True)
@@ -87,17 +90,53 @@ class FlexiModalDataset(Dataset):
         max_stays: int = 0,
     ):
         self.directory = Path(directory)
-        self.manifest = load_manifest(self.directory)
+        manifest = load_manifest(self.directory)
+        stays = pq.read_table(self.directory / STAYS_FILE)
+        events = pq.read_table(
+            self.directory / EVENTS_FILE, read_dictionary=["stay_id", "modality", "variable"]
+        )
+        self._setup(stays, events, manifest, split, tasks, max_stays)
+
+    @classmethod
+    def from_tables(
+        cls,
+        stays: pa.Table,
+        events: pa.Table,
+        manifest: dict,
+        tasks: list[str] | None = None,
+    ) -> FlexiModalDataset:
+        """All stays of in-memory tables (e.g. records to score), normalised with `manifest`.
+
+        Events are validated strictly against the manifest (FlexiModalError); stays need only
+        unique stay ids and the static columns; label columns may be absent or all null.
+        """
+        check_manifest(manifest, "manifest")
+        stays = _inference_stays(stays, manifest)
+        validate_events(events, stays, manifest, "records", "records")
+        self = cls.__new__(cls)
+        self.directory = None
+        self._setup(stays, events, manifest, None, tasks, 0)
+        return self
+
+    def _setup(
+        self,
+        stays: pa.Table,
+        events: pa.Table,
+        manifest: dict,
+        split: str | None,
+        tasks: list[str] | None,
+        max_stays: int,
+    ) -> None:
+        self.manifest = manifest
         self.split = split
-        all_tasks = {t["name"]: t for t in self.manifest["tasks"]}
+        all_tasks = {t["name"]: t for t in manifest["tasks"]}
         names = list(all_tasks) if tasks is None else list(tasks)
         missing = [t for t in names if t not in all_tasks]
         if missing:
             raise ValueError(f"unknown task(s) {missing}; the manifest has {list(all_tasks)}")
         self.tasks = [all_tasks[t] for t in names]
-        self.spec = dataset_spec(self.manifest)
+        self.spec = dataset_spec(manifest)
 
-        stays = pq.read_table(self.directory / STAYS_FILE)
         if split not in (None, "all"):
             if split not in SPLITS:
                 raise ValueError(f"split must be one of {SPLITS} or 'all', got {split!r}")
@@ -109,12 +148,12 @@ class FlexiModalDataset(Dataset):
         self.labels = {t["name"]: _label_array(stays.column(t["column"]), t) for t in self.tasks}
 
         self.static_name: str | None = None
-        static_vars = static_variables(self.manifest)
+        static_vars = static_variables(manifest)
         if static_vars:
             self.static_name = next(
-                m["name"] for m in self.manifest["modalities"] if m["kind"] == "static"
+                m["name"] for m in manifest["modalities"] if m["kind"] == "static"
             )
-            mean, std = norm_arrays(self.manifest, self.static_name)
+            mean, std = norm_arrays(manifest, self.static_name)
             raw = np.stack(
                 [stays.column(v).to_numpy(zero_copy_only=False) for v in static_vars], axis=1
             ).astype(np.float32)
@@ -123,9 +162,6 @@ class FlexiModalDataset(Dataset):
                 np.float32
             )
 
-        events = pq.read_table(
-            self.directory / EVENTS_FILE, read_dictionary=["stay_id", "modality", "variable"]
-        )
         stay_codes, stay_dict = _codes(events.column("stay_id"))
         local = pc.index_in(pa.array(stay_dict, pa.string()), value_set=pa.array(self.stay_ids))
         stay = local.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)[stay_codes]
@@ -136,17 +172,13 @@ class FlexiModalDataset(Dataset):
         value = events.column("value").to_numpy()
         del events
         self.series: dict[str, _Series] = {}
-        for m in series_modalities(self.manifest):
+        for m in series_modalities(manifest):
             name, variables = m["name"], m["variables"]
             sel = keep & (mod_codes == (mod_dict.index(name) if name in mod_dict else -1))
             vmap = np.array([variables.index(v) if v in variables else -1 for v in var_dict])
+            mean, std = norm_arrays(manifest, name)
             self.series[name] = _build_series(
-                n,
-                stay[sel],
-                time[sel],
-                vmap[var_codes[sel]],
-                value[sel],
-                *norm_arrays(self.manifest, name),
+                n, stay[sel], time[sel], vmap[var_codes[sel]], value[sel], mean, std
             )
 
     def __len__(self) -> int:
@@ -175,6 +207,33 @@ class FlexiModalDataset(Dataset):
                 "mask": self.static_mask[i],
             }
         return sample
+
+
+def _inference_stays(stays: pa.Table, manifest: dict) -> pa.Table:
+    """Stays to score: unique ids, static columns as float32, labels null where not given."""
+    if "stay_id" not in stays.column_names:
+        raise FlexiModalError("records", "required column is missing", column="stay_id")
+    ids = stays.column("stay_id").cast(pa.string())
+    counts = pc.value_counts(ids)
+    dup = [x["values"] for x in counts.to_pylist() if x["counts"] > 1]
+    if dup:
+        raise FlexiModalError("records", f"duplicate stay_id '{dup[0]}'", column="stay_id")
+    n = stays.num_rows
+    cols = {"stay_id": ids, "split": pa.array(["test"] * n, pa.string())}
+    for t in manifest["tasks"]:
+        col = stays.column(t["column"]) if t["column"] in stays.column_names else None
+        if col is None or pa.types.is_null(col.type):
+            col = pa.nulls(n, LABEL_TYPES[t["kind"]])
+        cols[t["column"]] = col
+    for v in static_variables(manifest):
+        if v not in stays.column_names:
+            cols[v] = pa.nulls(n, pa.float32())
+            continue
+        try:
+            cols[v] = stays.column(v).cast(pa.float32())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise FlexiModalError("records", "static values must be numeric", column=v) from None
+    return pa.table(cols)
 
 
 def _label_array(col: pa.ChunkedArray, task: dict) -> np.ndarray:

@@ -210,7 +210,7 @@ def validate(
     """Strict check of a FlexiModal dataset; raises FlexiModalError on the first problem."""
     check_manifest(manifest, manifest_file)
     _validate_stays(stays, manifest, stays_file)
-    _validate_events(events, stays, manifest, events_file, stays_file)
+    validate_events(events, stays, manifest, events_file, stays_file)
 
 
 def _validate_stays(stays: pa.Table, manifest: dict, file: str) -> None:
@@ -282,9 +282,10 @@ def _validate_label(col: pa.ChunkedArray, task: dict, file: str) -> None:
         )
 
 
-def _validate_events(
+def validate_events(
     events: pa.Table, stays: pa.Table, manifest: dict, file: str, stays_file: str
 ) -> None:
+    """Events against the manifest and the (already validated) stays."""
     _check_columns(events, EVENTS_SCHEMA, file)
     _check_no_nulls(events, file, EVENTS_SCHEMA.names)
     time = _np(events.column("time_h"))

@@ -176,3 +176,25 @@ def test_batch_to_moves_every_tensor_and_keeps_stay_ids(syn):
     assert moved["present"]["static"].device.type == "meta"
     assert moved["labels"]["ihm"].device.type == "meta"
     assert moved["stay_id"] == ds.stay_ids[:2]
+
+
+def test_from_tables_scores_records_like_the_directory_and_rejects_unknown_variables(tiny):
+    import pyarrow as pa
+
+    from fusemoe.data.flexi import FlexiModalError
+
+    manifest = FlexiModalDataset(tiny, "test").manifest
+    stays = pa.table({"stay_id": ["e"], "Age": pa.array([1000.0], pa.float32())})
+    events = pd.read_parquet(tiny / "events.parquet")
+    events = events[events["stay_id"] == "e"].astype({"modality": str, "variable": str})
+    events = pa.Table.from_pandas(events, preserve_index=False)
+    scored = collate([FlexiModalDataset.from_tables(stays, events, manifest)[0]])
+    stored = collate([FlexiModalDataset(tiny, "test")[0]])
+    for name in stored["series"]:
+        assert torch.equal(scored["series"][name]["values"], stored["series"][name]["values"])
+    assert torch.isnan(scored["labels"]["ihm"]).all()
+    bad = events.set_column(2, "variable", pa.array(["Pulse"] * events.num_rows))
+    with pytest.raises(
+        FlexiModalError, match=r"records, row 0, column 'variable': unknown variable 'Pulse'"
+    ):
+        FlexiModalDataset.from_tables(stays, bad, manifest)
