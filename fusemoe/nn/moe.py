@@ -1,0 +1,149 @@
+"""The sparse MoE layer that replaces a Transformer block's FFN, and the dense FFN baseline.
+
+Input is ``x [B, S, d]`` where the S tokens of every sample are laid out modality by modality in a
+fixed order (``modality_tokens[m]`` tokens for modality m). Because that layout is static, the
+routers find each modality's tokens by slicing, not by a data-dependent gather. Routing is per
+token: the only reshapes are [B, n, d] <-> [B*n, d], which never mix samples.
+
+Routers:
+- ``joint``: one gate over all tokens, one shared expert set;
+- ``per_modality``: one gate per modality, one shared expert set (FuseMoE's default);
+- ``disjoint``: one gate and one expert set per modality.
+Every gate and expert set is a registered submodule, so all of them are trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fusemoe.nn.experts import Experts
+from fusemoe.nn.gates import GateOutput, make_gate
+from fusemoe.nn.losses import entropy, entropy_regularizer, load_balance_loss
+
+ROUTER_TYPES = ("joint", "per_modality", "disjoint")
+
+
+@dataclass
+class MoEOutput:
+    out: Tensor  # [B, S, d]
+    load_balance: Tensor  # scalar, unweighted; mean over routers
+    entropy_reg: Tensor  # scalar, unweighted FuseMoE entropy regularizer (0 for disjoint)
+    usage: Tensor  # [M, E] fraction of modality m's token-expert assignments per expert (detached)
+    router_entropy: Tensor  # scalar, mean per-token entropy of the router distribution (detached)
+    conf_logits: Tensor | None  # [B, S, K] selected experts' logits (confidence gate only)
+
+
+class MoELayer(nn.Module):
+    """Router(s) + gate + dropless ``Experts``; returns the output and its aux-loss terms."""
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        modality_tokens: Sequence[int],
+        gate: str = "laplace",
+        router: str = "per_modality",
+        gate_noise: float = 0.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if router not in ROUTER_TYPES:
+            raise ValueError(f"unknown router {router!r}; use one of {', '.join(ROUTER_TYPES)}")
+        self.router, self.gate_type = router, gate
+        self.num_experts, self.top_k = num_experts, top_k
+        self.modality_tokens = list(modality_tokens)
+        num_routers = 1 if router == "joint" else len(self.modality_tokens)
+        num_expert_sets = len(self.modality_tokens) if router == "disjoint" else 1
+        self.gates = nn.ModuleList(
+            make_gate(gate, d_model, num_experts, top_k, gate_noise) for _ in range(num_routers)
+        )
+        self.experts = nn.ModuleList(
+            Experts(num_experts, d_model, hidden, backend=backend) for _ in range(num_expert_sets)
+        )
+
+    def _segments(self, x: Tensor) -> list[Tensor]:
+        """Split [B, S, d] into the per-modality slices [B, n_m, d]."""
+        return list(torch.split(x, self.modality_tokens, dim=1))
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        b, s, d = x.shape
+        if s != sum(self.modality_tokens):
+            raise ValueError(f"expected {sum(self.modality_tokens)} tokens per sample, got {s}")
+        segments = self._segments(x)
+
+        # Route: one GateOutput per router, each over [B * n, d] tokens.
+        if self.router == "joint":
+            routed = [self.gates[0](x.reshape(b * s, d))]
+        else:
+            routed = [g(seg.reshape(-1, d)) for g, seg in zip(self.gates, segments, strict=True)]
+
+        # Experts: one call over all tokens when experts are shared, one per modality otherwise.
+        if self.router == "disjoint":
+            outs = [
+                ex(seg.reshape(-1, d), r.topk_idx, r.topk_weights).view(seg.shape)
+                for ex, seg, r in zip(self.experts, segments, routed, strict=True)
+            ]
+            out = torch.cat(outs, dim=1)
+        else:
+            idx = self._per_token(routed, b, "topk_idx")
+            weights = self._per_token(routed, b, "topk_weights")
+            out = self.experts[0](
+                x.reshape(b * s, d), idx.reshape(b * s, -1), weights.reshape(b * s, -1)
+            )
+            out = out.view(b, s, d)
+
+        return self._stats(out, routed, b)
+
+    @staticmethod
+    def _per_token(routed: list[GateOutput], b: int, field: str) -> Tensor:
+        """Reassemble a per-token gate field [N_r, X] of every router as [B, S, X] (token order)."""
+        return torch.cat([(t := getattr(r, field)).view(b, -1, t.shape[-1]) for r in routed], 1)
+
+    def _stats(self, out: Tensor, routed: list[GateOutput], b: int) -> MoEOutput:
+        probs = self._per_token(routed, b, "probs")  # [B, S, E]
+        idx = self._per_token(routed, b, "topk_idx")  # [B, S, K]
+        mod_probs = [
+            p.reshape(-1, self.num_experts) for p in torch.split(probs, self.modality_tokens, 1)
+        ]
+        mod_idx = [i.reshape(-1, self.top_k) for i in torch.split(idx, self.modality_tokens, 1)]
+
+        if self.router == "joint":
+            balance = load_balance_loss(routed[0].probs, routed[0].topk_idx)
+        else:
+            balance = torch.stack([load_balance_loss(r.probs, r.topk_idx) for r in routed]).mean()
+        if self.router == "disjoint":
+            # Experts are not shared, so I(modality; expert) is fixed at log M: no signal.
+            entropy_reg = probs.new_zeros(())
+        else:
+            entropy_reg = entropy_regularizer(torch.stack([p.mean(0) for p in mod_probs]))
+
+        with torch.no_grad():
+            usage = torch.stack(
+                [F.one_hot(i.reshape(-1), self.num_experts).float().mean(0) for i in mod_idx]
+            )
+            router_entropy = entropy(probs).mean()
+
+        conf_logits = None
+        if self.gate_type == "confidence":
+            picked = [r.logits.gather(1, r.topk_idx).view(b, -1, self.top_k) for r in routed]
+            conf_logits = torch.cat(picked, dim=1)
+        return MoEOutput(out, balance, entropy_reg, usage, router_entropy, conf_logits)
+
+
+class DenseFFN(nn.Module):
+    """The no-MoE baseline: one GELU FFN d -> hidden -> d applied to every token."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
