@@ -59,7 +59,8 @@ def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     arr = col.combine_chunks()
     if not pa.types.is_dictionary(arr.type):
         arr = pc.dictionary_encode(arr)
-    return arr.indices.to_numpy(zero_copy_only=False).astype(np.int64), arr.dictionary.to_pylist()
+    codes = arr.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    return codes, arr.dictionary.to_pylist()
 
 
 @dataclass
@@ -164,7 +165,7 @@ class FlexiModalDataset(Dataset):
 
         stay_codes, stay_dict = _codes(events.column("stay_id"))
         local = pc.index_in(pa.array(stay_dict, pa.string()), value_set=pa.array(self.stay_ids))
-        stay = local.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)[stay_codes]
+        stay = local.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)[stay_codes]
         keep = stay >= 0
         mod_codes, mod_dict = _codes(events.column("modality"))
         var_codes, var_dict = _codes(events.column("variable"))

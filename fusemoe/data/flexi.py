@@ -517,10 +517,13 @@ def write_flexi(
     stays: pa.Table | pd.DataFrame,
     events: pa.Table | pd.DataFrame,
     manifest: dict,
+    *,
+    names: tuple[str, str] = ("stays (to write)", "events (to write)"),
 ) -> dict:
     """Validate, complete the manifest (train-only norm etc.) and write atomically; returns it.
 
-    Output goes to a temp dir beside the target, which then replaces the target by rename, so a
+    `names` label the tables in error messages (e.g. the user's file paths). Output goes to a
+    temp dir beside the target, which then replaces the target by rename, so a
     failure at any point leaves either the old directory or nothing, never a partial one.
     """
     stays, events = _as_table(stays), _as_table(events)
@@ -538,7 +541,10 @@ def write_flexi(
     target = Path(directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like mkdir's
         pq.write_table(stays, tmp / STAYS_FILE)
         pq.write_table(events, tmp / EVENTS_FILE, row_group_size=1 << 20)
         manifest["files"] = {name: sha256_file(tmp / name) for name in (STAYS_FILE, EVENTS_FILE)}
