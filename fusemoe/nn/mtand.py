@@ -30,7 +30,7 @@ class Time2Vec(nn.Module):
         self.periodic = nn.Linear(1, dim - 1)
 
     def forward(self, t: Tensor) -> Tensor:
-        t = (t.float() / self.scale_h).unsqueeze(-1)
+        t = (t.float() / self.scale_h).to(self.linear.weight.dtype).unsqueeze(-1)
         return torch.cat([self.linear(t), torch.sin(self.periodic(t))], dim=-1)
 
 
@@ -70,7 +70,8 @@ class MTANDEncoder(nn.Module):
     def forward(self, values: Tensor, mask: Tensor, times: Tensor) -> Tensor:
         b, _, _ = values.shape
         h, dk = self.n_heads, self.head_dim
-        mask = mask.float()
+        dtype = self.proj.weight.dtype  # fp32 batches feed a bf16 model too
+        values, mask = values.to(dtype), mask.to(dtype)
         ref = self.time_embed(self.ref_times)  # [T, d]
         q = self.query(ref).view(-1, h, dk).transpose(0, 1)  # [h, T, dk]
         k = self.key(self.time_embed(times)).view(b, -1, h, dk).transpose(1, 2)  # [B, h, L, dk]
@@ -79,7 +80,7 @@ class MTANDEncoder(nn.Module):
         # Per-variable masked softmax over observation times: [B, h, T, L, V].
         observed = mask.unsqueeze(1).unsqueeze(1) > 0  # [B, 1, 1, L, V]
         attn = _masked_softmax(scores.unsqueeze(-1), observed, dim=3)
-        value = torch.einsum("bhtlv,blv->bhtv", attn, values.float() * mask)
+        value = torch.einsum("bhtlv,blv->bhtv", attn, values * mask)
 
         # Density channel: attention over all observation times (rows with any variable observed).
         row = (mask.sum(-1) > 0).unsqueeze(1).unsqueeze(1)  # [B, 1, 1, L]
@@ -112,8 +113,8 @@ class StaticEncoder(nn.Module):
         )
 
     def forward(self, values: Tensor, mask: Tensor) -> Tensor:
-        mask = mask.float()
-        return self.mlp(torch.cat([values.float() * mask, mask], dim=-1)).unsqueeze(1)
+        mask = mask.to(self.mlp[0].weight.dtype)
+        return self.mlp(torch.cat([values.to(mask.dtype) * mask, mask], dim=-1)).unsqueeze(1)
 
 
 class ModalityTokens(nn.Module):

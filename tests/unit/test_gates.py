@@ -5,6 +5,9 @@ import torch
 
 from fusemoe.nn.gates import GATE_TYPES, LaplaceGate, make_gate
 
+# Tiny tensors: one intra-op thread avoids OpenMP spin contention on the shared 2-core machine.
+torch.set_num_threads(1)
+
 D, E, K = 16, 6, 3
 
 

@@ -7,6 +7,9 @@ import torch
 
 from fusemoe.nn.losses import entropy, entropy_regularizer, load_balance_loss, task_loss
 
+# Tiny tensors: one intra-op thread avoids OpenMP spin contention on the shared 2-core machine.
+torch.set_num_threads(1)
+
 
 def test_entropy_regularizer_is_zero_when_all_modalities_route_alike():
     p = torch.tensor([0.1, 0.2, 0.3, 0.4])

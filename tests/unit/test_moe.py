@@ -5,6 +5,9 @@ import torch
 
 from fusemoe.nn.moe import ROUTER_TYPES, DenseFFN, MoELayer
 
+# Tiny tensors: one intra-op thread avoids OpenMP spin contention on the shared 2-core machine.
+torch.set_num_threads(1)
+
 D, H, E, K = 16, 24, 4, 2
 TOKENS = [5, 5, 1]  # two series modalities of 5 tokens and a static token, per sample
 

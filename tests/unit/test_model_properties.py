@@ -1,0 +1,225 @@
+"""FuseMoE model properties (issue 5): batch invariance, determinism, missing modalities, gradients."""
+
+import math
+
+import pytest
+import torch
+from batches import STATIC, Spec, Task, collate, drop_modality, make_samples, random_batch
+
+from fusemoe.nn.losses import task_loss
+from fusemoe.nn.model import FuseMoE, FuseMoEConfig
+from fusemoe.nn.moe import ROUTER_TYPES
+
+# Tiny tensors: one intra-op thread avoids OpenMP spin contention on the shared 2-core machine.
+torch.set_num_threads(1)
+
+SMALL = dict(
+    d_model=16,
+    n_heads=2,
+    n_layers=2,
+    num_ref_points=4,
+    num_experts=4,
+    top_k=2,
+    expert_hidden=24,
+    dropout=0.0,
+    load_balance_weight=0.01,
+    entropy_weight=0.1,
+)
+
+
+def model(spec: Spec | None = None, seed: int = 0, **overrides) -> FuseMoE:
+    torch.manual_seed(seed)
+    return FuseMoE(FuseMoEConfig(**{**SMALL, **overrides}), spec or Spec())
+
+
+def loss_of(m: FuseMoE, batch: dict, spec: Spec) -> torch.Tensor:
+    out = m(batch)
+    return task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss
+
+
+@pytest.mark.parametrize("router", ROUTER_TYPES)
+def test_a_sample_scores_the_same_alone_and_in_any_batch(router):
+    spec = Spec()
+    m = model(router=router, gate_noise=0.5).eval()
+    samples = make_samples(spec, 6, seed=1)
+    with torch.no_grad():
+        together = m(collate(samples)).logits["ihm"]
+        padded = m(collate(samples[::-1], extra_pad=7)).logits["ihm"].flip(0)
+        pair = m(collate(samples[2:4], extra_pad=3)).logits["ihm"]
+        for i, s in enumerate(samples):
+            alone = m(collate([s])).logits["ihm"]
+            torch.testing.assert_close(alone, together[i : i + 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded, together, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pair, together[2:4], atol=1e-5, rtol=0)
+
+
+def test_same_seed_gives_the_same_loss_curve():
+    spec = Spec()
+
+    def curve() -> list[float]:
+        m = model(seed=3, gate_noise=0.3, dropout=0.1)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        torch.manual_seed(3)
+        losses = []
+        for step in range(4):
+            loss = loss_of(m, random_batch(spec, n=8, seed=step), spec)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    first, second = curve(), curve()
+    assert first == second
+    assert first[-1] != first[0]  # it actually trained
+
+
+@pytest.mark.parametrize("modality", ["labs", STATIC])
+def test_masking_a_modality_equals_dropping_its_events(modality):
+    spec = Spec()
+    m = model().eval()
+    samples = make_samples(spec, 4, seed=2)
+    masked = collate(samples)
+    masked["present"][modality][1] = False
+    if modality == STATIC:
+        dropped_samples = list(samples)
+        s = samples[1]["static"]
+        dropped_samples[1] = {
+            **samples[1],
+            "static": {k: torch.zeros_like(v) for k, v in s.items()},
+        }
+    else:
+        dropped_samples = [
+            drop_modality(s, modality) if i == 1 else s for i, s in enumerate(samples)
+        ]
+    dropped = collate(dropped_samples)
+    assert not dropped["present"][modality][1]
+    with torch.no_grad():
+        a, b = m(masked).logits["ihm"], m(dropped).logits["ihm"]
+        full = m(collate(samples)).logits["ihm"]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert (a[1] - full[1]).abs() > 1e-6  # the missing modality did change sample 1's prediction
+
+
+def test_missing_modality_uses_learned_embedding_not_zeros():
+    spec = Spec()
+    m = model()
+    batch = random_batch(spec, n=3)
+    batch["present"]["vitals"][:] = False
+    tokens = m.encode(batch)[:, : SMALL["num_ref_points"]]
+    emb = m.modality_embed[0]
+    expected = emb.missing + emb.type_embed + emb.presence.weight[0]
+    torch.testing.assert_close(tokens, expected.expand_as(tokens))
+    assert tokens.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gate", ["laplace", "confidence"])
+@pytest.mark.parametrize("router", ROUTER_TYPES)
+def test_every_parameter_gets_a_nonzero_gradient(router, gate):
+    """Including each router's gate (top-K < E), every expert, encoders and missing embeddings."""
+    spec = Spec()
+    m = model(router=router, gate=gate)
+    samples = make_samples(spec, 12, seed=4)
+    batch = collate([drop_modality(s, "labs") if i % 3 == 0 else s for i, s in enumerate(samples)])
+    batch["present"]["vitals"][1] = False
+    batch["present"][STATIC][2] = False
+    loss_of(m, batch, spec).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_aux_loss_is_the_weighted_sum_of_balance_and_entropy_terms():
+    spec = Spec()
+    m = model(load_balance_weight=0.5, entropy_weight=2.0)
+    out = m(random_batch(spec))
+    expected = 0.5 * out.routing["load_balance"] + 2.0 * out.routing["entropy_reg"]
+    torch.testing.assert_close(out.aux_loss.detach(), expected)
+    assert out.routing["expert_usage"].shape == (3, SMALL["num_experts"])  # vitals, labs, static
+    assert out.routing["router_entropy"] > 0
+
+
+def test_confidence_gate_adds_its_fitting_loss_only_with_labels():
+    spec = Spec()
+    m = model(gate="confidence")
+    batch = random_batch(spec)
+    assert "confidence_loss" in m(batch).routing
+    batch["labels"]["ihm"][:] = math.nan
+    assert "confidence_loss" not in m(batch).routing
+
+
+def test_no_noise_in_eval():
+    spec = Spec()
+    m = model(gate_noise=5.0).eval()
+    batch = random_batch(spec)
+    with torch.no_grad():
+        assert torch.equal(m(batch).logits["ihm"], m(batch).logits["ihm"])
+        m.train()
+        assert not torch.equal(m(batch).logits["ihm"], m(batch).logits["ihm"])
+
+
+def test_dense_baseline_has_no_experts_and_no_aux_loss():
+    spec = Spec()
+    m = model(moe=False)
+    assert not any("gate" in n or "experts" in n for n, _ in m.named_parameters())
+    batch = random_batch(spec)
+    out = m(batch)
+    loss = task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss
+    loss.backward()
+    assert out.aux_loss.item() == 0.0 and out.routing == {}
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_multi_task_heads():
+    spec = Spec(
+        tasks=[
+            Task("ihm", "binary"),
+            Task("los_days", "regression"),
+            Task("pheno", "multilabel", 5),
+            Task("cls", "multiclass", 3),
+        ]
+    )
+    m = model(spec)
+    batch = random_batch(spec, n=4)
+    out = m(batch)
+    assert out.logits["ihm"].shape == out.logits["los_days"].shape == (4,)
+    assert out.logits["pheno"].shape == (4, 5) and out.logits["cls"].shape == (4, 3)
+    loss = task_loss(out.logits, batch["labels"], spec.tasks)
+    assert torch.isfinite(loss)
+
+
+def test_series_only_dataset_and_real_dataspec():
+    from fusemoe.data.dataset import DataSpec, TaskSpec
+
+    spec = DataSpec(
+        series={"vitals": 4, "labs": 3}, static_dim=0, tasks=[TaskSpec("ihm", "binary")]
+    )
+    torch.manual_seed(0)
+    m = FuseMoE(FuseMoEConfig(**SMALL), spec)
+    batch = random_batch(Spec())
+    del batch["static"], batch["present"][STATIC]
+    assert m(batch).logits["ihm"].shape == (6,)
+
+
+def test_config_from_params_yaml_section():
+    import yaml
+
+    with open("params.yaml") as f:
+        params = yaml.safe_load(f)["model"]
+    cfg = FuseMoEConfig.from_params(params)
+    assert cfg.d_model == params["d_model"] and cfg.gate == params["gate"]
+    with pytest.raises(ValueError, match="unknown model params"):
+        FuseMoEConfig.from_params({**params, "num_expert": 3})
+    with pytest.raises(ValueError, match="model.gate"):
+        FuseMoEConfig.from_params({**params, "gate": "cosine"})
+    paper = FuseMoEConfig()
+    assert (paper.num_experts, paper.top_k, paper.d_model, paper.n_heads) == (16, 4, 128, 8)
+    assert (paper.num_ref_points, paper.expert_hidden) == (48, 512)
+
+
+def test_bf16_model_runs_on_fp32_batches():
+    spec = Spec()
+    m = model().to(torch.bfloat16)
+    batch = random_batch(spec)
+    out = m(batch)
+    assert out.logits["ihm"].dtype == torch.bfloat16 and torch.isfinite(out.logits["ihm"]).all()
+    (task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss).backward()
