@@ -523,17 +523,15 @@ def write_flexi(
     """Validate, complete the manifest (train-only norm etc.) and write atomically; returns it.
 
     `names` label the tables in error messages (e.g. the user's file paths). Output goes to a
-    temp dir beside the target, which then replaces the target by rename, so a
-    failure at any point leaves either the old directory or nothing, never a partial one.
+    temp dir beside the target, which then replaces the target by rename, so a failure at any
+    point leaves either the old directory or nothing, never a partial one.
     """
     stays, events = _as_table(stays), _as_table(events)
     manifest = json.loads(json.dumps(manifest))  # deep copy; also proves it is JSON-serialisable
     manifest["schema_version"] = SCHEMA_VERSION
     manifest.setdefault("source", "unknown")
     manifest.setdefault("source_hashes", {})
-    validate(
-        stays, events, manifest, stays_file="stays (to write)", events_file="events (to write)"
-    )
+    validate(stays, events, manifest, stays_file=names[0], events_file=names[1])
     stays = _normalise_stays(stays, manifest)
     events = _normalise_events(events)
     manifest.update(compute_statistics(stays, events, manifest))
