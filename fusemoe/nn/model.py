@@ -85,20 +85,22 @@ class ModelOutput:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the tokens of each sample ([B, S, d]; no cross-sample op)."""
+    """Multi-head self-attention over the tokens of each sample ([B, S, d]; no cross-sample op).
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    Dropout is applied on the residual branch (in ``Block``), not to attention weights, so the
+    fused SDPA kernel is used on CPU as well.
+    """
+
+    def __init__(self, d_model: int, n_heads: int):
         super().__init__()
-        self.n_heads, self.dropout = n_heads, dropout
+        self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -108,7 +110,7 @@ class Block(nn.Module):
     def __init__(self, cfg: FuseMoEConfig, modality_tokens: list[int]):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         if cfg.moe:
             self.ffn: nn.Module = MoELayer(

@@ -39,11 +39,15 @@ class MTANDEncoder(nn.Module):
 
     For every head h, reference time r and variable v, the interpolated value is
     ``sum_l a[h, r, l, v] * x[l, v]`` with ``a = softmax_l(q_r . k_l / sqrt(dk))`` over the times l
-    where v was observed (0 everywhere if v was never observed). A second channel per variable
-    interpolates the same way over all of the sample's observation times the *mask* itself: the
+    where v was observed (0 if v was never observed). A second channel per variable is the
+    attention mass that v's observations receive among all of the sample's observation times: the
     local measurement density, which is informative in clinical data (sicker patients are measured
     more often). Heads x (value, density) x V features are projected to d, and a Time2Vec
     embedding of the reference time is added as the token's position.
+
+    The per-variable softmax is the all-rows softmax renormalised over v's rows (numerator /
+    density), exact up to fp32 underflow: a variable whose every observation scores ~87 below the
+    best-scoring row gets weight 0 there, as if unobserved.
 
     Reference times are fixed: ``linspace(0, horizon_h, T)`` hours.
     """
@@ -77,15 +81,14 @@ class MTANDEncoder(nn.Module):
         k = self.key(self.time_embed(times)).view(b, -1, h, dk).transpose(1, 2)  # [B, h, L, dk]
         scores = torch.einsum("htc,bhlc->bhtl", q, k) / math.sqrt(dk)  # [B, h, T, L]
 
-        # Per-variable masked softmax over observation times: [B, h, T, L, V].
-        observed = mask.unsqueeze(1).unsqueeze(1) > 0  # [B, 1, 1, L, V]
-        attn = _masked_softmax(scores.unsqueeze(-1), observed, dim=3)
-        value = torch.einsum("bhtlv,blv->bhtv", attn, values * mask)
-
-        # Density channel: attention over all observation times (rows with any variable observed).
-        row = (mask.sum(-1) > 0).unsqueeze(1).unsqueeze(1)  # [B, 1, 1, L]
-        attn_rows = _masked_softmax(scores, row, dim=3)
-        density = torch.einsum("bhtl,blv->bhtv", attn_rows, mask)
+        # Attention over the sample's observation times (rows where any variable was observed).
+        row = (mask.sum(-1) > 0)[:, None, None, :]  # [B, 1, 1, L]
+        attn = _masked_softmax(scores, row, dim=3)  # [B, h, T, L]
+        # Per-variable softmax = the row softmax restricted to v's rows and renormalised, so it is
+        # computed without materialising [B, h, T, L, V]: numerator and normaliser per variable.
+        density = torch.einsum("bhtl,blv->bhtv", attn, mask)  # the normaliser; also a feature
+        numerator = torch.einsum("bhtl,blv->bhtv", attn, values * mask)
+        value = numerator / torch.where(density > 0, density, torch.ones_like(density))
 
         feats = torch.cat([value, density], dim=-1)  # [B, h, T, 2V]
         feats = feats.permute(0, 2, 1, 3).reshape(b, self.ref_times.numel(), -1)

@@ -223,3 +223,37 @@ def test_bf16_model_runs_on_fp32_batches():
     out = m(batch)
     assert out.logits["ihm"].dtype == torch.bfloat16 and torch.isfinite(out.logits["ihm"]).all()
     (task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss).backward()
+
+
+def test_mtand_per_variable_attention_matches_explicit_masked_softmax():
+    """The factorised attention equals a softmax over each variable's own observed times."""
+    from fusemoe.nn.mtand import MTANDEncoder
+
+    torch.manual_seed(0)
+    enc = MTANDEncoder(num_vars=3, d_model=8, n_heads=2, num_ref_points=5)
+    values, mask = torch.randn(2, 7, 3), (torch.rand(2, 7, 3) < 0.5).float()
+    mask[0, :, 2] = 0  # a never-observed variable
+    mask[1, 5:] = 0  # padding rows
+    times = torch.rand(2, 7) * 48
+    ref = enc.time_embed(enc.ref_times)
+    q = enc.query(ref).view(5, 2, 4).transpose(0, 1)
+    k = enc.key(enc.time_embed(times)).view(2, 7, 2, 4).transpose(1, 2)
+    scores = torch.einsum("htc,bhlc->bhtl", q, k) / 2.0
+    expected = torch.zeros(2, 2, 5, 3)
+    for b in range(2):
+        for v in range(3):
+            obs = mask[b, :, v] > 0
+            if obs.any():
+                a = scores[b][..., obs].softmax(-1)  # [h, T, n_obs]
+                expected[b, :, :, v] = a @ values[b, obs, v]
+    with torch.no_grad():  # make the output projection expose the value channel of each head
+        enc.proj.weight.zero_()
+        enc.proj.bias.zero_()
+        enc.position.weight.zero_()
+        enc.position.bias.zero_()
+        # Feature layout per token: heads x [value (V), density (V)]; pick head h value v.
+        for h in range(2):
+            for v in range(3):
+                enc.proj.weight[h * 3 + v, h * 6 + v] = 1.0
+    out = enc(values, mask, times)[..., :6].view(2, 5, 2, 3).permute(0, 2, 1, 3)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
