@@ -45,6 +45,7 @@ class DataSpec:
     series: dict[str, int]
     static_dim: int
     tasks: list[TaskSpec] = field(default_factory=list)
+    static_name: str | None = None  # the static modality's name (its `present` key)
 
 
 def dataset_spec(manifest: dict) -> DataSpec:
@@ -52,6 +53,9 @@ def dataset_spec(manifest: dict) -> DataSpec:
         series={m["name"]: len(m["variables"]) for m in series_modalities(manifest)},
         static_dim=len(static_variables(manifest)),
         tasks=[TaskSpec(t["name"], t["kind"], int(t["num_outputs"])) for t in manifest["tasks"]],
+        static_name=next(
+            (m["name"] for m in manifest["modalities"] if m["kind"] == "static"), None
+        ),
     )
 
 

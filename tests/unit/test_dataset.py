@@ -161,7 +161,7 @@ def test_split_sizes_tasks_subset_and_max_stays(syn):
 def test_dataset_spec_lists_series_widths_static_dim_and_tasks(syn):
     spec = dataset_spec(FlexiModalDataset(syn, "val").manifest)
     assert spec.series == {"vitals": 4, "labs": 5, "respiratory": 3}
-    assert spec.static_dim == 3
+    assert spec.static_dim == 3 and spec.static_name == "static"
     assert [(t.name, t.kind, t.num_outputs) for t in spec.tasks] == [
         ("ihm", "binary", 1),
         ("los_gt7", "binary", 1),
