@@ -1,0 +1,387 @@
+"""In-hospital mortality on PhysioNet 2012: FuseMoE configurations vs classical baselines.
+
+Protocol of the published P12 results: 5 seeds of stratified random 80/10/10 splits of all stays;
+every choice (hyperparameters, number of trees, epoch) is made on validation, test is scored once.
+Each configuration is a named entry of ``CONFIGS``. Every finished (config, seed) run is appended to
+a JSONL cache keyed by a fingerprint of its settings, so rerunning skips what is done and a changed
+setting reruns only what it affects. The summary JSON aggregates the cache for the current settings.
+
+Run (from the repo root, after ``python -m pipelines.prepare``):
+    nice -n 10 .venv/bin/python benchmarks/p12_quality.py --configs gbm logreg
+    nice -n 10 .venv/bin/python benchmarks/p12_quality.py --configs fusemoe_laplace --epochs 4
+FuseMoE runs train on a per-seed copy of the FlexiModal directory (under runs/, not committed)
+whose split column is the seed's split and whose normalisation statistics come from its train part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import sklearn
+import torch
+import yaml
+from threadpoolctl import threadpool_limits
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fusemoe.baselines import fit_gbm, fit_logreg, labels, read_flexi_frames, summary_features  # noqa: E402
+from fusemoe.data.flexi import EVENTS_FILE, STAYS_FILE, assign_splits, load_manifest, write_flexi  # noqa: E402
+from fusemoe.metrics import binary_metrics  # noqa: E402
+
+TASK = "ihm"
+FRACTIONS = (0.8, 0.1, 0.1)
+RESULTS = ROOT / "benchmarks" / "results"
+# Published P12 mortality results, mean over 5 splits (AUROC, AUPRC in %), as listed in issue 5.
+PUBLISHED = {
+    "mTAND": (84.2, 48.2),
+    "Raindrop": (82.8, 44.0),
+    "ViTST": (85.1, 51.1),
+    "Warpformer": (86.5, 54.3),
+    "GraFITi": (86.6, 54.8),
+    "MTM (2025)": (88.0, 58.6),
+}
+
+
+@dataclass
+class Entry:
+    """A configuration: ``kind`` is gbm | logreg | fusemoe; ``model`` overrides params.yaml model."""
+
+    kind: str
+    description: str
+    model: dict = field(default_factory=dict)
+
+
+CONFIGS: dict[str, Entry] = {
+    "gbm": Entry("gbm", "HistGradientBoosting on per-variable summaries + static"),
+    "logreg": Entry("logreg", "Logistic regression (median impute + indicators, standardised)"),
+    "fusemoe_laplace": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace gate, per-modality routers, entropy regularizer",
+        {"gate": "laplace", "router": "per_modality", "moe": True},
+    ),
+    "fusemoe_softmax": Entry(
+        "fusemoe",
+        "FuseMoE, softmax gate, per-modality routers, entropy regularizer",
+        {"gate": "softmax", "router": "per_modality", "moe": True},
+    ),
+    "dense": Entry(
+        "fusemoe", "Same model, dense FFN instead of MoE (no-MoE baseline)", {"moe": False}
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def fingerprint(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def read_cache(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_cache(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------- classical
+
+
+def run_classical(
+    entry: Entry, features: np.ndarray, y: np.ndarray, split: np.ndarray, seed: int
+) -> dict:
+    tr, va, te = ((split == s) & ~np.isnan(y) for s in ("train", "val", "test"))
+    fit = fit_gbm if entry.kind == "gbm" else fit_logreg
+    kwargs = {"seed": seed} if entry.kind == "gbm" else {}
+    sel = fit(features[tr], y[tr], features[va], y[va], **kwargs)
+    p_val = sel.model.predict_proba(features[va])[:, 1]
+    p_test = sel.model.predict_proba(features[te])[:, 1]
+    return {
+        "chosen": sel.params,
+        "val": binary_metrics(y[va], p_val),
+        "test": binary_metrics(y[te], p_test),
+        "grid": sel.grid,
+    }
+
+
+# ----------------------------------------------------------------------------- FuseMoE
+
+
+def seed_dir(source: Path, cache_root: Path, seed: int, split: np.ndarray) -> Path:
+    """A FlexiModal copy of ``source`` with this seed's split (train-only norm statistics)."""
+    manifest = load_manifest(source)
+    digest = fingerprint({"files": manifest.get("files", {}), "split": split.tolist()})
+    target = cache_root / f"seed{seed}"
+    done = target / "manifest.json"
+    if done.exists() and load_manifest(target).get("benchmark_split_digest") == digest:
+        return target
+    stays = pq.read_table(source / STAYS_FILE)
+    stays = stays.set_column(
+        stays.schema.get_field_index("split"), "split", pa.array(split, pa.string())
+    )
+    events = pq.read_table(source / EVENTS_FILE)
+    keep = {"source", "source_hashes", "modalities", "tasks", "sets", "cleaning", "source_url"}
+    new = {k: v for k, v in manifest.items() if k in keep}
+    new["split"] = {"fractions": list(FRACTIONS), "seed": seed, "stratify": TASK}
+    new["benchmark_split_digest"] = digest
+    write_flexi(target, stays, events, new)
+    return target
+
+
+def run_fusemoe(
+    entry: Entry, data_dir: Path, model_params: dict, train_params: dict, seed: int, log: Callable
+) -> dict:
+    """Lean single-process loop (AdamW, grad clipping); epoch chosen by validation AUROC."""
+    from torch.utils.data import DataLoader
+
+    from fusemoe.data.dataset import FlexiModalDataset, collate, dataset_spec
+    from fusemoe.nn.losses import task_loss
+    from fusemoe.train import build_model, predict, select_tasks, set_seed
+
+    set_seed(seed)
+    spec = select_tasks(dataset_spec(load_manifest(data_dir)), [TASK])
+    bs = int(train_params["batch_size"])
+    ds = {s: FlexiModalDataset(data_dir, s, tasks=[TASK]) for s in ("train", "val", "test")}
+    gen = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(
+        ds["train"], batch_size=bs, shuffle=True, collate_fn=collate, generator=gen
+    )
+    eval_loader = {
+        s: DataLoader(ds[s], batch_size=4 * bs, collate_fn=collate) for s in ("val", "test")
+    }
+
+    model = build_model(model_params, spec)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=float(train_params["lr"]),
+        weight_decay=float(train_params["weight_decay"]),
+    )
+    clip = float(train_params.get("grad_clip", 1.0))
+
+    def scores(split: str) -> tuple[np.ndarray, np.ndarray]:
+        pred = predict(model, eval_loader[split], torch.device("cpu"))
+        return pred["labels"][TASK].reshape(-1), 1 / (1 + np.exp(-pred["logits"][TASK].reshape(-1)))
+
+    history, best, best_state, best_epoch = [], -math.inf, None, 0
+    for epoch in range(int(train_params["epochs"])):
+        t0 = time.perf_counter()
+        model.train()
+        total = 0.0
+        for batch in train_loader:
+            out = model(batch)
+            loss = task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            total += float(loss.detach())
+        train_s = time.perf_counter() - t0
+        val = binary_metrics(*scores("val"))
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": total / len(train_loader),
+                "train_s": train_s,
+                "epoch_s": time.perf_counter() - t0,
+                "val_auroc": val["auroc"],
+                "val_auprc": val["auprc"],
+            }
+        )
+        log(
+            f"  epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} val AUROC {val['auroc']:.4f} "
+            f"AUPRC {val['auprc']:.4f} ({history[-1]['epoch_s']:.0f}s)"
+        )
+        if val["auroc"] > best:
+            best, best_state, best_epoch = (
+                val["auroc"],
+                copy.deepcopy(model.state_dict()),
+                epoch + 1,
+            )
+        elif epoch + 1 - best_epoch >= int(train_params["patience"]):
+            break
+    model.load_state_dict(best_state)
+    return {
+        "chosen": {"epoch": best_epoch},
+        "val": binary_metrics(*scores("val")),
+        "test": binary_metrics(*scores("test")),
+        "history": history,
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for name in dict.fromkeys(r["config"] for r in rows):
+        runs = sorted((r for r in rows if r["config"] == name), key=lambda r: r["seed"])
+        agg = {"description": runs[0]["description"], "seeds": [r["seed"] for r in runs]}
+        for split in ("val", "test"):
+            for metric in ("auroc", "auprc"):
+                vals = np.array([r[split][metric] for r in runs])
+                agg[f"{split}_{metric}_mean"] = float(vals.mean())
+                agg[f"{split}_{metric}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        agg["runs"] = runs
+        out[name] = agg
+    return out
+
+
+def markdown(summary: dict) -> str:
+    lines = [
+        "| model | test AUROC (%) | test AUPRC (%) | seeds |",
+        "|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} (ours) | {100 * s['test_auroc_mean']:.1f} ± {100 * s['test_auroc_std']:.1f} "
+            f"| {100 * s['test_auprc_mean']:.1f} ± {100 * s['test_auprc_std']:.1f} | {len(s['seeds'])} |"
+        )
+    for name, (auroc, auprc) in PUBLISHED.items():
+        lines.append(f"| {name} (published) | {auroc:.1f} | {auprc:.1f} | 5 |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "processed")
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="FuseMoE epoch budget (default params.yaml)"
+    )
+    ap.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="FuseMoE: stop after this many epochs without a better val AUROC",
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", type=Path, default=RESULTS / "p12_quality_runs.jsonl")
+    ap.add_argument("--split-cache", type=Path, default=ROOT / "runs" / "p12_quality")
+    ap.add_argument("--out", type=Path, default=RESULTS / "p12_quality.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+
+    params = yaml.safe_load(args.params.read_text())
+    train_params = {
+        k: params["train"][k] for k in ("epochs", "batch_size", "lr", "weight_decay")
+    } | {"grad_clip": params["deepspeed"]["grad_clip"], "patience": args.patience}
+    if args.epochs is not None:
+        train_params["epochs"] = args.epochs
+
+    t0 = time.perf_counter()
+    stays, events, manifest = read_flexi_frames(args.data)
+    data_id = fingerprint(
+        {"files": manifest.get("files", {}), "source_hashes": manifest["source_hashes"]}
+    )
+    y = labels(stays, manifest, TASK)
+    splits = {s: assign_splits(stays, FRACTIONS, s, stratify_col=TASK) for s in args.seeds}
+    features = None
+    log(f"data: {len(stays)} stays, {len(events)} events ({time.perf_counter() - t0:.1f}s)")
+
+    cache = read_cache(args.cache)
+    done = {(r["config"], r["seed"], r["fingerprint"]) for r in cache}
+    current = []
+    for name in args.configs:
+        entry = CONFIGS[name]
+        settings = {"entry": entry.__dict__, "data": data_id, "fractions": FRACTIONS}
+        if entry.kind == "fusemoe":
+            settings |= {"model": params["model"] | entry.model, "train": train_params}
+        fp = fingerprint(settings)
+        current.append((name, fp))
+        for seed in args.seeds:
+            if (name, seed, fp) in done:
+                log(f"{name} seed {seed}: cached")
+                continue
+            log(f"{name} seed {seed}: running")
+            t1 = time.perf_counter()
+            with threadpool_limits(args.threads):
+                if entry.kind == "fusemoe":
+                    data_dir = seed_dir(args.data, args.split_cache, seed, splits[seed])
+                    res = run_fusemoe(entry, data_dir, settings["model"], train_params, seed, log)
+                else:
+                    if features is None:
+                        features = summary_features(stays, events, manifest).to_numpy()
+                        log(f"summary features {features.shape} ({time.perf_counter() - t1:.1f}s)")
+                    res = run_classical(entry, features, y, splits[seed], seed)
+            row = {
+                "config": name,
+                "seed": seed,
+                "fingerprint": fp,
+                "description": entry.description,
+                "settings": settings,
+                **res,
+                "wall_s": round(time.perf_counter() - t1, 1),
+            }
+            append_cache(args.cache, row)
+            log(
+                f"{name} seed {seed}: test AUROC {res['test']['auroc']:.4f} AUPRC {res['test']['auprc']:.4f} "
+                f"(val AUROC {res['val']['auroc']:.4f}; {row['wall_s']}s)"
+            )
+
+    # Summary: this call's configs at their current settings; other configs of the cache at the
+    # settings of their latest run (so separate calls for classical and FuseMoE entries add up).
+    cache = read_cache(args.cache)
+    wanted = {r["config"]: r["fingerprint"] for r in cache if r["config"] in CONFIGS} | dict(
+        current
+    )
+    rows = [
+        r for r in cache if wanted.get(r["config"]) == r["fingerprint"] and r["seed"] in args.seeds
+    ]
+    rows.sort(key=lambda r: list(CONFIGS).index(r["config"]))
+    summary = summarise(rows)
+    report = {
+        "benchmark": "p12_quality",
+        "task": TASK,
+        "protocol": f"{len(args.seeds)} seeds of stratified random {FRACTIONS} splits; selection on val only",
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": args.threads,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "sklearn": sklearn.__version__,
+            "numpy": np.__version__,
+        },
+        "data": {
+            "dir": str(args.data),
+            "stays": len(stays),
+            "events": len(events),
+            "source_hashes": manifest["source_hashes"],
+        },
+        "published": {k: {"auroc": a, "auprc": p} for k, (a, p) in PUBLISHED.items()},
+        "configs": summary,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(markdown(summary))
+    log(f"wrote {args.out} ({time.perf_counter() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
