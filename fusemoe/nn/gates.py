@@ -40,9 +40,14 @@ class GateOutput:
 class Gate(nn.Module):
     """Base gate: subclasses define ``scores(x_fp32) -> [N, E]``; selection is shared.
 
-    Expert keys ``weight`` [E, d] are drawn with std d^-1/2 so that, for layer-normed tokens,
-    initial logits differ by O(1) across experts (routing starts neither uniform nor collapsed).
+    Expert keys ``weight`` [E, d] are drawn with std ``init_std(d)``, chosen so that for
+    layer-normed tokens (norm ~ sqrt(d)) initial logits differ by O(1) across experts: routing
+    starts neither uniform nor collapsed. d^-1/2 suits the dot product and the squared distance.
     """
+
+    @staticmethod
+    def init_std(d_model: int) -> float:
+        return d_model**-0.5
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, noise_std: float = 0.0):
         super().__init__()
@@ -50,7 +55,7 @@ class Gate(nn.Module):
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.noise_std = float(noise_std)
-        self.weight = nn.Parameter(torch.randn(num_experts, d_model) * d_model**-0.5)
+        self.weight = nn.Parameter(torch.randn(num_experts, d_model) * self.init_std(d_model))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}"
@@ -84,7 +89,15 @@ class SoftmaxGate(Gate):
 
 
 class LaplaceGate(Gate):
-    """FuseMoE's Laplace gate: logit_e = -||x - w_e||_2 (faster estimation rates in the paper)."""
+    """FuseMoE's Laplace gate: logit_e = -||x - w_e||_2 (faster estimation rates in the paper).
+
+    Keys start on the tokens' scale (std 1): with small keys every distance is ~||x|| and the
+    router would start uniform (logit spread ~ key norm / sqrt(d)).
+    """
+
+    @staticmethod
+    def init_std(d_model: int) -> float:
+        return 1.0
 
     def scores(self, x: Tensor) -> Tensor:
         return -_distance(x, self.weight)
