@@ -114,10 +114,8 @@ class MoELayer(nn.Module):
         ]
         mod_idx = [i.reshape(-1, self.top_k) for i in torch.split(idx, self.modality_tokens, 1)]
 
-        if self.router == "joint":
-            balance = load_balance_loss(routed[0].probs, routed[0].topk_idx)
-        else:
-            balance = torch.stack([load_balance_loss(r.probs, r.topk_idx) for r in routed]).mean()
+        # Each router balances its own tokens over its experts; averaged over routers.
+        balance = torch.stack([load_balance_loss(r.probs, r.topk_idx) for r in routed]).mean()
         if self.router == "disjoint":
             # Experts are not shared, so I(modality; expert) is fixed at log M: no signal.
             entropy_reg = probs.new_zeros(())
