@@ -138,6 +138,8 @@ class _DenseGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
+        if grad.numel() == 0:  # an empty expanded grad counts as contiguous; give it real strides
+            return grad.new_zeros(grad.shape)
         return grad.contiguous()
 
 

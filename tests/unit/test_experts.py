@@ -102,3 +102,14 @@ def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend"):
         Experts(E, D, H, backend="einsum")
     assert resolve_backend("loop", torch.device("cpu"), torch.float32) == "loop"
+
+
+@pytest.mark.parametrize("backend", ["grouped", "loop"])
+def test_ffn_on_zero_rows_works_forward_and_backward(backend):
+    # An expert-parallel rank can receive no rows at all in a step.
+    experts = Experts(E, D, H, backend=backend)
+    rows = torch.zeros(0, D, requires_grad=True)
+    out = experts.ffn(rows, torch.zeros(E, dtype=torch.long))
+    assert out.shape == (0, D)
+    out.sum().backward()
+    assert rows.grad.shape == (0, D)
