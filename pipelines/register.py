@@ -107,7 +107,7 @@ def main() -> None:
     cfg = params["registry"]
     name = cfg["model_name"]
     model_uri = log_pyfunc_model(run["mlflow_run_id"], Path(params["data"]["out_dir"]))
-    version = mlflow.register_model(model_uri, name).version
+    version = str(mlflow.register_model(model_uri, name).version)
     client.set_registered_model_alias(name, "challenger", version)
     decision = promote(client, name, version, cfg["metric"], cfg)
     record = {"model_name": name, "version": version, "model_uri": model_uri,

@@ -31,7 +31,9 @@ def init_ray(ray_params: dict) -> None:
     else:
         ray.init(
             num_cpus=int(ray_params.get("num_cpus", 2)),
-            include_dashboard=False,
+            # The dashboard hosts the state API that Ray Train's controller polls; loopback only.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             runtime_env=env,
             log_to_driver=True,
