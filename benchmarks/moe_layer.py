@@ -192,8 +192,16 @@ def main() -> None:
     ap.add_argument(
         "--warmup", type=int, default=None, help="untimed rounds (default 2 cpu, 10 cuda)"
     )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads (CPU; on a shared machine 1 thread is far less noisy)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
