@@ -70,11 +70,17 @@ def predict(
     labels: dict[str, list] = {}
     present: dict[str, list] = {}
     stay_ids: list[str] = []
+    usage, n_seen = None, 0
     for batch in loader:
         batch = batch_to(batch, device)
         if transform is not None:
             batch = transform(batch)
         out = model(batch)
+        if "expert_usage" in out.routing:  # [modalities, experts], averaged over samples
+            b = len(batch["stay_id"])
+            u = out.routing["expert_usage"].float().cpu() * b
+            usage = u if usage is None else usage + u
+            n_seen += b
         for m, flags in batch["present"].items():
             present.setdefault(m, []).append(flags.cpu())
         for task, logits in out.logits.items():
@@ -86,6 +92,7 @@ def predict(
         "logits": {t: torch.cat(v).numpy() for t, v in outs.items()},
         "labels": {t: torch.cat(v).numpy() for t, v in labels.items()},
         "present": {m: torch.cat(v).numpy().astype(bool) for m, v in present.items()},
+        "expert_usage": None if usage is None else (usage / n_seen).numpy(),
     }
 
 
@@ -98,6 +105,18 @@ def output_to_prediction(kind: str, logits: np.ndarray) -> np.ndarray:
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
     return logits[:, 0] if logits.ndim == 2 else logits
+
+
+def predictions_table(pred: dict, spec: DataSpec):
+    """One row per stay: prob_<task> for binary tasks, <task> for regression."""
+    import pandas as pd
+
+    table = pd.DataFrame({"stay_id": pred["stay_id"]})
+    for task in spec.tasks:
+        if task.kind in ("binary", "regression"):
+            name = f"prob_{task.name}" if task.kind == "binary" else task.name
+            table[name] = output_to_prediction(task.kind, pred["logits"][task.name]).reshape(-1)
+    return table
 
 
 def task_metrics(pred: dict, spec: DataSpec, prefix: str) -> dict[str, float]:
@@ -139,10 +158,10 @@ def _init_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
-def save_model(model: torch.nn.Module, model_params: dict, spec: DataSpec, out_dir: Path) -> None:
+def save_model(state: dict, model_params: dict, spec: DataSpec, out_dir: Path) -> None:
     """A self-contained copy of the weights and the config needed to rebuild the model."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out_dir / MODEL_FILE)
+    torch.save(state, out_dir / MODEL_FILE)
     (out_dir / MODEL_CONFIG_FILE).write_text(
         json.dumps({"model": model_params, "spec": asdict(spec)}, indent=2)
     )
@@ -209,6 +228,8 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     start_epoch, history = 0, []
     if restore_dir is not None:
         engine.load_checkpoint(str(restore_dir), tag="ckpt")
+        shard = torch.load(Path(restore_dir) / f"experts_rank{rank}.pt", weights_only=True)
+        engine.module.load_state_dict(shard, strict=False)
         state = json.loads((Path(restore_dir) / STATE_FILE).read_text())
         start_epoch, history = state["epoch"] + 1, state["history"]
         log(f"[rank {rank}] resumed from {restore_dir} after epoch {state['epoch'] + 1}")
@@ -256,10 +277,12 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         with tempfile.TemporaryDirectory(prefix="fusemoe-ckpt-") as tmp:
             ckpt = Path(tmp)
             engine.save_checkpoint(str(ckpt), tag="ckpt")
-            full_model = _full_model(engine.module)  # a collective under expert parallelism
+            # DeepSpeed's checkpoint only knows its own MoE layer's expert names: keep our shards.
+            torch.save(_expert_shard(engine.module), ckpt / f"experts_rank{rank}.pt")
+            full_state = _full_state_dict(engine.module, ep_size)  # a collective under EP
             if rank == 0:
                 (ckpt / STATE_FILE).write_text(json.dumps({"epoch": epoch, "history": history}))
-                save_model(full_model, cfg["model"], spec, ckpt / "model")
+                save_model(full_state, cfg["model"], spec, ckpt / "model")
             report(metrics, ckpt)
     return {"metrics": metrics, "history": history}
 
@@ -274,10 +297,19 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def _full_model(model: torch.nn.Module) -> torch.nn.Module:
+def _expert_shard(model: torch.nn.Module) -> dict:
+    """This rank's expert parameters (those DeepSpeed must not all-reduce), by name."""
+    return {
+        n: p.detach().cpu()
+        for n, p in model.named_parameters()
+        if getattr(p, "allreduce", True) is False
+    }
+
+
+def _full_state_dict(model: torch.nn.Module, ep_size: int) -> dict:
     """With expert parallelism each rank holds a slice of the experts; gather them for saving."""
-    try:
-        from fusemoe.parallel.expert_parallel import gather_full_model
-    except ImportError:
-        return model
-    return gather_full_model(model)
+    if ep_size <= 1:
+        return model.state_dict()
+    from fusemoe.parallel.expert_parallel import consolidated_state_dict
+
+    return consolidated_state_dict(model)

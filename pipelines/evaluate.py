@@ -20,7 +20,7 @@ from fusemoe.metrics import (
     calibration_curve,
     regression_metrics,
 )
-from fusemoe.train import load_model, output_to_prediction, predict
+from fusemoe.train import load_model, output_to_prediction, predict, predictions_table
 from pipelines.common import (
     TRAIN_DIR,
     load_params,
@@ -31,6 +31,7 @@ from pipelines.common import (
 )
 
 METRICS_FILE = Path("metrics.json")
+PREDICTIONS_FILE = Path("metrics/test_predictions.parquet")
 PLOTS = Path("plots")
 SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8)
 
@@ -151,12 +152,62 @@ def main() -> None:
         sweep.append(row)
     metrics["missingness_sweep"] = sweep
     plots["missingness_sweep.json"] = sweep
+    if test["expert_usage"] is not None:
+        plots["expert_usage.json"] = [
+            {"modality": m, "expert": e, "fraction": float(test["expert_usage"][i, e])}
+            for i, m in enumerate(routing_rows(spec))
+            for e in range(test["expert_usage"].shape[1])
+        ]
 
     for name, rows in plots.items():
         write_json_atomic(PLOTS / name, rows)
+    write_predictions(test, spec)
+    if "expert_usage.json" in plots:
+        save_usage_heatmap(plots["expert_usage.json"], PLOTS / "expert_usage.png")
     write_json_atomic(METRICS_FILE, metrics)
     _log_to_mlflow(params, run["mlflow_run_id"], flat, metrics)
     print("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in flat.items() if k.startswith("test_")))
+
+
+def routing_rows(spec) -> list[str]:
+    """Row names of the model's expert-usage matrix: series modalities, then static."""
+    rows = list(spec.series)
+    if spec.static_dim:
+        rows.append(spec.static_name or "static")
+    return rows
+
+
+def save_usage_heatmap(rows: list[dict], path: Path) -> None:
+    """Expert usage per modality on the test set, as a picture for MLflow and the README."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mods = list(dict.fromkeys(r["modality"] for r in rows))
+    n_exp = max(r["expert"] for r in rows) + 1
+    grid = np.zeros((len(mods), n_exp))
+    for r in rows:
+        grid[mods.index(r["modality"]), r["expert"]] = r["fraction"]
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * n_exp, 1 + 0.6 * len(mods)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set(xticks=range(n_exp), yticks=range(len(mods)), yticklabels=mods, xlabel="expert",
+           title="Expert usage per modality (test)")
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_predictions(pred: dict, spec) -> None:
+    """Per-stay test predictions, the reference the packaged model must reproduce."""
+    table = predictions_table(pred, spec)
+    PREDICTIONS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = PREDICTIONS_FILE.with_suffix(".tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(PREDICTIONS_FILE)
 
 
 def _log_to_mlflow(params: dict, run_id: str, flat: dict[str, float], metrics: dict) -> None:
@@ -168,7 +219,7 @@ def _log_to_mlflow(params: dict, run_id: str, flat: dict[str, float], metrics: d
     for k, v in flat.items():
         client.log_metric(run_id, f"eval_{k}", float(v))
     client.log_dict(run_id, metrics, "evaluation/metrics.json")
-    for f in sorted(PLOTS.glob("*.json")):
+    for f in sorted([*PLOTS.glob("*.json"), *PLOTS.glob("*.png")]):
         client.log_artifact(run_id, str(f), "evaluation/plots")
 
 

@@ -80,7 +80,7 @@ def score_records(model, spec, manifest: dict, records: pd.DataFrame) -> pd.Data
 
     from fusemoe.data.dataset import FlexiModalDataset, collate
     from fusemoe.data.flexi import FlexiModalError
-    from fusemoe.train import output_to_prediction, predict
+    from fusemoe.train import predict, predictions_table
 
     stays, events = records_to_tables(records, manifest)
     try:
@@ -88,12 +88,7 @@ def score_records(model, spec, manifest: dict, records: pd.DataFrame) -> pd.Data
     except FlexiModalError as e:
         raise RecordsError(str(e)) from None
     pred = predict(model, DataLoader(ds, batch_size=256, collate_fn=collate), torch.device("cpu"))
-    out = pd.DataFrame({"stay_id": pred["stay_id"]})
-    for task in spec.tasks:
-        if task.kind in ("binary", "regression"):
-            name = f"prob_{task.name}" if task.kind == "binary" else task.name
-            out[name] = output_to_prediction(task.kind, pred["logits"][task.name]).reshape(-1)
-    return out
+    return predictions_table(pred, spec)
 
 
 def example_records(data_dir: Path, n_stays: int = 2) -> pd.DataFrame:

@@ -105,3 +105,86 @@ def test_changed_params_retrain_and_promotion_is_guarded(project):
     assert registry["version"] == "2"
     beats = registry["challenger_metric"] > registry["champion_metric"] + 0.0
     assert registry["champion"] == beats
+
+
+def test_champion_pyfunc_reproduces_the_evaluate_stage_predictions(project):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from pipelines.packaging import example_records
+
+    work, env, _ = project
+    expected = pd.read_parquet(work / "metrics/test_predictions.parquet")
+    records = example_records(work / "data/processed", n_stays=len(expected))
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    got = mlflow.pyfunc.load_model("models:/fusemoe-it@champion").predict(records)
+    merged = expected.merge(got, on="stay_id", suffixes=("_evaluate", "_pyfunc"))
+    assert len(merged) == len(expected)
+    np.testing.assert_allclose(merged["prob_ihm_pyfunc"], merged["prob_ihm_evaluate"], atol=1e-5)
+
+
+def test_predict_cli_rejects_bad_records_and_writes_nothing(project, tmp_path):
+    import pandas as pd
+
+    from pipelines.packaging import example_records
+
+    work, env, _ = project
+    records = example_records(work / "data/processed", n_stays=3)
+    cases = {
+        "missing_column": records.drop(columns=["time_h"]),
+        "unknown_modality": records.assign(modality="imaging"),
+        "non_numeric_value": records.astype({"value": object}).assign(value="high"),
+    }
+    for name, bad in cases.items():
+        src, dst = tmp_path / f"{name}.parquet", tmp_path / f"{name}-out.parquet"
+        bad.to_parquet(src)
+        proc = subprocess.run([str(BIN / "fusemoe"), "predict", str(src), str(dst)], cwd=work,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0, name
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and str(src) in last, (name, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, name
+        assert not dst.exists(), name
+    good_src, good_dst = tmp_path / "good.parquet", tmp_path / "good-out.parquet"
+    records.to_parquet(good_src)
+    run([str(BIN / "fusemoe"), "predict", str(good_src), str(good_dst)], work, env)
+    assert len(pd.read_parquet(good_dst)) == 3
+
+
+def test_served_champion_answers_one_request_on_localhost(project):
+    import socket
+    import time
+    import urllib.request
+
+    from pipelines.packaging import example_records
+
+    work, env, _ = project
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/fusemoe-it@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                assert time.time() < deadline, "server did not come up in 180 s"
+                time.sleep(2)
+        records = example_records(work / "data/processed", n_stays=2)
+        body = json.dumps({"dataframe_split": records.to_dict(orient="split")}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            preds = json.loads(resp.read())["predictions"]
+        assert len(preds) == 2 and all(0.0 <= p["prob_ihm"] <= 1.0 for p in preds)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
