@@ -37,9 +37,10 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SIGMA_MIN = (
-    0.05  # lower bound on expert noise: keeps the likelihood bounded (compact parameter space)
-)
+# A compact parameter space, as the theory assumes: without it the likelihood is unbounded
+# (sigma -> 0) and a Laplace centre can drift far away with a large bias.
+SIGMA_MIN = 0.05  # lower bound on expert noise
+W_MAX = 4.0  # gate parameters in [-W_MAX, W_MAX]^d; x is uniform on [-2, 2]^d, truths within 2
 
 
 @dataclass
@@ -130,15 +131,23 @@ def init_params(k: int, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) 
 
 
 def lbfgs(gate: str, p: MoEParams, x: torch.Tensor, y: torch.Tensor, iters: int) -> float:
-    """Minimise the NLL in place from ``p``; returns the final NLL (inf if the run diverged)."""
-    params = [t.requires_grad_(True) for t in p.tensors()]
+    """Minimise the NLL in place from ``p``; returns the final NLL (inf if the run diverged).
+
+    Gate parameters w are kept in the box [-W_MAX, W_MAX]^d (w = W_MAX tanh(raw)): the theory
+    assumes a compact parameter space, and without it a Laplace expert can drift to a far centre
+    with a large bias (nearly a softmax gate there), which the likelihood barely notices but which
+    makes parameter errors meaningless.
+    """
+    raw_w = torch.atanh((p.w / W_MAX).clamp(-0.999, 0.999))
+    params = [t.detach().clone().requires_grad_(True) for t in (raw_w, p.b, p.a, p.c, p.log_s)]
+    current = lambda: MoEParams(W_MAX * torch.tanh(params[0]), *params[1:])  # noqa: E731
     opt = torch.optim.LBFGS(
         params, lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe"
     )
 
     def closure():
         opt.zero_grad()
-        loss = neg_log_lik(gate, p, x, y)
+        loss = neg_log_lik(gate, current(), x, y)
         loss.backward()
         return loss
 
@@ -147,6 +156,9 @@ def lbfgs(gate: str, p: MoEParams, x: torch.Tensor, y: torch.Tensor, iters: int)
     except RuntimeError:
         return float("inf")
     with torch.no_grad():
+        fitted = current()
+        for name in ("w", "b", "a", "c", "log_s"):
+            setattr(p, name, getattr(fitted, name).detach().clone())
         return float(neg_log_lik(gate, p, x, y))
 
 
@@ -163,7 +175,7 @@ def fit(
         nll = lbfgs(gate, p, x, y, iters)
         if math.isfinite(nll) and nll < best_nll:
             best_nll = nll
-            best = MoEParams(*[t.detach().clone() for t in p.tensors()])
+            best = p
     if best is None:
         raise RuntimeError(f"all {restarts} restarts of the {gate} fit failed")
     return best, best_nll
@@ -267,6 +279,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     blocks = report["results"]
+    colour = {"laplace": "tab:blue", "softmax": "tab:orange"}
     fig, axes = plt.subplots(1, len(blocks), figsize=(5.5 * len(blocks), 4.2), squeeze=False)
     for ax, (name, block) in zip(axes[0], blocks.items(), strict=True):
         ns = np.array(block["n"])
@@ -274,16 +287,22 @@ def plot(report: dict, path: Path) -> None:
             for key, style in (("mean_mse", "-o"), ("voronoi", "--s")):
                 if key not in out:
                     continue
-                arr = np.array(out[key]["per_replicate"])
-                gm = np.exp(np.log(arr).mean(0))
-                lo, hi = np.exp(np.log(arr).min(0)), np.exp(np.log(arr).max(0))
-                label = f"{g} fit, {key} (slope {out[key]['slope_mean']:.2f}±{out[key]['slope_std']:.2f})"
-                (line,) = ax.loglog(ns, gm, style, label=label)
-                ax.fill_between(ns, lo, hi, color=line.get_color(), alpha=0.15)
-        ax.loglog(ns, ns[0] / ns * 1e-2, ":", color="grey", label="reference slope -1")
-        ax.set_title(f"ground truth: {name.removeprefix('truth_')} gate")
+                arr = np.log(np.array(out[key]["per_replicate"]))
+                s = out[key]
+                label = f"{g} fit, {key} (slope {s['slope_mean']:.2f}±{s['slope_std']:.2f})"
+                ax.loglog(ns, np.exp(arr.mean(0)), style, color=colour.get(g), label=label)
+                ax.fill_between(
+                    ns, np.exp(arr.min(0)), np.exp(arr.max(0)), color=colour.get(g), alpha=0.15
+                )
+        for power, style in ((1.0, ":"), (0.5, "-.")):
+            ax.loglog(
+                ns, (ns[0] / ns) ** power * 1e-2, style, color="grey", label=f"slope -{power:g}"
+            )
+        ax.set_title(
+            f"ground truth: {name.removeprefix('truth_')} gate, {block['num_experts_fit']} fitted experts"
+        )
         ax.set_xlabel("sample size n")
-        ax.set_ylabel("error (geometric mean over replicates; band = min..max)")
+        ax.set_ylabel("error (geo. mean; band = min..max)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -324,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "sigma_min": SIGMA_MIN,
+        "w_max": W_MAX,
         **report,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

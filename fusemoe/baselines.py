@@ -131,23 +131,30 @@ def fit_gbm(
     learning_rates: tuple[float, ...] = (0.03, 0.1),
     max_leaf_nodes: tuple[int, ...] = (8, 31),
     l2: tuple[float, ...] = (0.0, 1.0),
-    max_iter: int = 500,
+    max_iter: int = 1000,
+    patience: int = 30,
     seed: int = 0,
 ) -> Selection:
     """Histogram gradient boosting; grid and number of trees chosen on validation.
 
-    For each grid point the number of trees is the one with the lowest validation log loss over
-    the staged predictions (early stopping on val; log loss is smoother than AUROC for that), and
-    the grid point with the highest validation AUROC wins. The winner is refitted with exactly
-    that many trees (fits are deterministic), so the returned model needs no staging.
+    Each grid point trains with early stopping on the validation log loss (stops ``patience``
+    trees after the best; log loss is smoother than AUROC for that); its number of trees is the
+    argmin of the staged validation log loss, and the grid point with the highest validation
+    AUROC wins. The winner is refitted with exactly that many trees (fits are deterministic), so
+    the returned model needs no staging.
     """
     _check(y_train, "gbm train"), _check(y_val, "gbm val")
     grid = []
     for lr, leaves, reg in itertools.product(learning_rates, max_leaf_nodes, l2):
         params = dict(learning_rate=lr, max_leaf_nodes=leaves, l2_regularization=reg)
         model = HistGradientBoostingClassifier(
-            max_iter=max_iter, early_stopping=False, random_state=seed, **params
-        ).fit(x_train, y_train)
+            max_iter=max_iter,
+            early_stopping=True,
+            scoring="loss",
+            n_iter_no_change=patience,
+            random_state=seed,
+            **params,
+        ).fit(x_train, y_train, X_val=x_val, y_val=y_val)
         staged = [p[:, 1] for p in model.staged_predict_proba(x_val)]
         losses = [log_loss(y_val, p, labels=[0, 1]) for p in staged]
         best = int(np.argmin(losses))
