@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -18,6 +19,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from fusemoe import train as fusemoe_train
 
 COMPLETE_MARKER = "COMPLETE"
+
+# fusemoe.train.train's signature: (cfg, report, restore_dir) -> {"metrics", "history"}.
+TrainFn = Callable[..., dict]
 
 
 def init_ray(ray_params: dict) -> None:
@@ -40,7 +44,7 @@ def init_ray(ray_params: dict) -> None:
         )
 
 
-def _worker(config: dict) -> dict:
+def _worker(config: dict, train_fn: TrainFn = fusemoe_train.train) -> dict:
     """Runs on every Ray Train worker; rank 0 alone talks to MLflow."""
     rank = ray.train.get_context().get_world_rank()
     mlflow_run = None
@@ -63,9 +67,9 @@ def _worker(config: dict) -> dict:
     try:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return fusemoe_train.train(config, report)
+            return train_fn(config, report)
         with checkpoint.as_directory() as restore_dir:
-            return fusemoe_train.train(config, report, Path(restore_dir))
+            return train_fn(config, report, Path(restore_dir))
     finally:
         if mlflow_run is not None:
             import mlflow
@@ -79,10 +83,12 @@ def run_training(
     run_name: str,
     mlflow_run_id: str | None = None,
     tracking_uri: str | None = None,
+    train_fn: TrainFn | None = None,
 ) -> tuple[Path, dict, list[dict]]:
     """Fits the model; returns (best checkpoint dir, its metrics, every epoch's metrics).
 
-    `params` holds the params.yaml sections model, train, deepspeed, ray.
+    `params` holds the params.yaml sections model, train, deepspeed, ray. `train_fn` replaces
+    fusemoe.train.train on the workers (same signature); tests use it to inject failures.
     """
     rp, tp = params["ray"], params["train"]
     storage = Path(rp["storage_path"]).resolve()
@@ -106,8 +112,9 @@ def run_training(
     if use_gpu:
         resources["GPU"] = 1.0
     primary = tp["primary_metric"]
+    loop = _worker if train_fn is None else (lambda cfg: _worker(cfg, train_fn))
     trainer = TorchTrainer(
-        _worker,
+        loop,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(

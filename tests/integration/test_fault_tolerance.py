@@ -1,0 +1,192 @@
+"""Fault tolerance of the Ray Train + DeepSpeed job: real Ray, real DeepSpeed (CPU, gloo), real MLflow.
+
+Failures are injected by a test-only wrapper around fusemoe.train.train (run_training's `train_fn`):
+rank 0 calls os._exit(1) once, right after an epoch's checkpoint is registered with Ray Train. A
+marker file makes the restarted attempt run normally. Every attempt appends what it restored and
+what it reported to a JSON-lines event log in tmp_path, which the tests read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+EPOCHS = 3
+
+
+def tiny_params(storage: Path, num_workers: int = 1, max_failures: int = 1) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"].update(
+        d_model=16,
+        n_heads=2,
+        n_layers=1,
+        num_ref_points=4,
+        num_experts=4,
+        top_k=2,
+        expert_hidden=32,
+    )
+    params["train"].update(
+        epochs=EPOCHS,
+        batch_size=32,
+        tasks=["ihm"],
+        seed=0,
+        primary_metric="val_auroc_ihm",
+        max_train_stays=0,
+    )
+    params["deepspeed"].update(zero_stage=0, precision="fp32", ep_size=1)
+    params["ray"].update(
+        num_workers=num_workers,
+        use_gpu=False,
+        cpus_per_worker=1,
+        num_cpus=2,
+        max_failures=max_failures,
+        keep_checkpoints=2,
+        storage_path=str(storage),
+    )
+    params["mlflow"]["system_metrics"] = False
+    return params
+
+
+def recording_train(events: Path, crash_after_epoch: int = 0, marker: Path | None = None):
+    """fusemoe.train.train that logs restores/reports to `events` and, once, kills rank 0 after
+    `crash_after_epoch`'s checkpoint is registered (0 = never)."""
+
+    def train_fn(cfg: dict, report, restore_dir: Path | None = None) -> dict:
+        import ray.train
+
+        from fusemoe import train as fusemoe_train
+
+        rank = ray.train.get_context().get_world_rank()
+
+        def log(**event) -> None:
+            with events.open("a") as f:
+                f.write(json.dumps({"rank": rank, **event}) + "\n")
+
+        restored = None
+        if restore_dir is not None:
+            restored = json.loads((restore_dir / fusemoe_train.STATE_FILE).read_text())["epoch"] + 1
+        log(start=True, restored_after_epoch=restored)
+
+        def reporting(metrics: dict, checkpoint_dir: Path) -> None:
+            report(metrics, checkpoint_dir)
+            log(reported_epoch=int(metrics["epoch"]), files=sorted(os.listdir(checkpoint_dir)))
+            if rank == 0 and metrics["epoch"] == crash_after_epoch and not marker.exists():
+                # Wait until the controller has registered this checkpoint, then die hard.
+                ray.train.get_all_reported_checkpoints()
+                marker.touch()
+                os._exit(1)
+
+        return fusemoe_train.train(cfg, reporting, restore_dir)
+
+    return train_fn
+
+
+def read_events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from fusemoe.data.synthetic import write_synthetic
+
+    out = tmp_path_factory.mktemp("data") / "processed"
+    write_synthetic(out, num_stays=300, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the module: its startup is the slowest part on 2 cores."""
+    import ray
+
+    from ray_jobs.train import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray({"num_cpus": 2})
+    yield
+    ray.shutdown()
+
+
+def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
+    ray_session, data_dir, tmp_path
+):
+    from ray_jobs.train import run_training
+
+    events = tmp_path / "events.jsonl"
+    train_fn = recording_train(events, crash_after_epoch=1, marker=tmp_path / "crashed")
+    _, _, history = run_training(
+        tiny_params(tmp_path / "ray", max_failures=1), data_dir, "crash-once", train_fn=train_fn
+    )
+
+    assert (tmp_path / "crashed").exists()
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    log = read_events(events)
+    starts = [e["restored_after_epoch"] for e in log if e.get("start")]
+    assert starts == [None, 1], "the second attempt restores epoch 1's checkpoint, not step 0"
+    reported = [e["reported_epoch"] for e in log if "reported_epoch" in e]
+    assert reported == [1, 2, 3], "no epoch is lost or trained twice"
+
+
+def test_rerunning_an_interrupted_run_with_the_same_name_resumes_it(
+    ray_session, data_dir, tmp_path
+):
+    from ray_jobs.train import run_training
+
+    events = tmp_path / "events.jsonl"
+    params = tiny_params(tmp_path / "ray", max_failures=0)
+    crash = recording_train(events, crash_after_epoch=2, marker=tmp_path / "crashed")
+    with pytest.raises(Exception):  # noqa: B017 - whatever Ray wraps the dead worker in
+        run_training(params, data_dir, "interrupted", train_fn=crash)
+    assert [e["reported_epoch"] for e in read_events(events) if "reported_epoch" in e] == [1, 2]
+
+    events.unlink()
+    _, best_metrics, history = run_training(
+        params, data_dir, "interrupted", train_fn=recording_train(events)
+    )
+
+    log = read_events(events)
+    assert [e["restored_after_epoch"] for e in log if e.get("start")] == [2]
+    assert [e["reported_epoch"] for e in log if "reported_epoch" in e] == [3]
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    assert 0.0 <= best_metrics["val_auroc_ihm"] <= 1.0
+
+
+def test_two_workers_merge_every_ranks_checkpoint_and_only_rank_0_logs_to_mlflow(
+    ray_session, data_dir, tmp_path
+):
+    import mlflow
+
+    from ray_jobs.train import run_training
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("ft")).info.run_id
+    params = tiny_params(tmp_path / "ray", num_workers=2)
+    params["deepspeed"]["zero_stage"] = 1  # optimizer state sharded: one file per rank
+    events = tmp_path / "events.jsonl"
+    best_dir, _, history = run_training(
+        params,
+        data_dir,
+        "two-workers",
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        train_fn=recording_train(events),
+    )
+
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    written = {e["rank"]: set(e["files"]) for e in read_events(events) if "files" in e}
+    assert set(written) == {0, 1}
+    merged = {str(p.relative_to(best_dir)) for p in best_dir.rglob("*") if p.is_file()}
+    shards = {f"ckpt/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
+    assert shards <= merged, f"per-rank optimizer shards missing from {sorted(merged)}"
+    assert {"train_state.json", "model/model.pt"} <= merged
+    for name in ("train_loss", "val_auroc_ihm"):
+        steps = [m.step for m in client.get_metric_history(run_id, name)]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), f"{name} logged once per epoch"
