@@ -63,7 +63,8 @@ def project(tmp_path_factory):
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "x"]):
         run(cmd, work, env)
-    first = run(["dvc", "repro"], work, env)
+    # The main chain only (prepare -> train -> evaluate -> register); tune has its own tests.
+    first = run(["dvc", "repro", "register"], work, env)
     return work, env, first
 
 
@@ -90,7 +91,7 @@ def test_repro_registers_a_champion_with_metrics(project):
 
 def test_second_repro_is_fully_cached(project):
     work, env, _ = project
-    out = run(["dvc", "repro"], work, env)
+    out = run(["dvc", "repro", "register"], work, env)
     assert "Running stage" not in out, out
 
 
@@ -99,7 +100,7 @@ def test_changed_params_retrain_and_promotion_is_guarded(project):
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["train"]["lr"] = 0.0001
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run(["dvc", "repro"], work, env)
+    out = run(["dvc", "repro", "register"], work, env)
     assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
     registry = json.loads((work / "models/registry.json").read_text())
     assert registry["version"] == "2"
