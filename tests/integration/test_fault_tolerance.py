@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def recording_train(events: Path, crash_after_epoch: int = 0, marker: Path | Non
 
         def log(**event) -> None:
             with events.open("a") as f:
-                f.write(json.dumps({"rank": rank, **event}) + "\n")
+                f.write(json.dumps({"rank": rank, "t": time.time(), **event}) + "\n")
 
         restored = None
         if restore_dir is not None:
