@@ -239,6 +239,9 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
+        # Dropout RNG from (seed, epoch), not from the process's past: a run resumed after a
+        # failure trains exactly like an uninterrupted one.
+        set_seed(int(tcfg["seed"]) * 1000 + epoch)
         engine.train()
         total, n_batches, n_samples, routing_acc = 0.0, 0, 0, {}
         for batch in train_loader:

@@ -77,7 +77,7 @@ def recording_train(events: Path, crash_after_epoch: int = 0, marker: Path | Non
 
         def reporting(metrics: dict, checkpoint_dir: Path) -> None:
             report(metrics, checkpoint_dir)
-            log(reported_epoch=int(metrics["epoch"]), files=sorted(os.listdir(checkpoint_dir)))
+            log(reported_epoch=int(metrics["epoch"]))
             if rank == 0 and metrics["epoch"] == crash_after_epoch and not marker.exists():
                 # Wait until the controller has registered this checkpoint, then die hard.
                 ray.train.get_all_reported_checkpoints()
@@ -115,24 +115,69 @@ def ray_session():
     ray.shutdown()
 
 
-def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
-    ray_session, data_dir, tmp_path
+@pytest.fixture(scope="module")
+def two_workers(ray_session, data_dir, tmp_path_factory) -> dict:
+    """An uninterrupted 2-worker run (ZeRO-1: optimizer state sharded per rank), tracked in MLflow."""
+    import mlflow
+
+    from ray_jobs.train import run_training
+
+    tmp = tmp_path_factory.mktemp("two-workers")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("ft")).info.run_id
+    events = tmp / "events.jsonl"
+    best_dir, _, history = run_training(
+        two_worker_params(tmp / "ray"),
+        data_dir,
+        "two-workers",
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        train_fn=recording_train(events),
+    )
+    return {
+        "best_dir": best_dir,
+        "history": history,
+        "events": read_events(events),
+        "client": client,
+        "run_id": run_id,
+    }
+
+
+def two_worker_params(storage: Path, max_failures: int = 1) -> dict:
+    params = tiny_params(storage, num_workers=2, max_failures=max_failures)
+    params["deepspeed"]["zero_stage"] = 1
+    return params
+
+
+def learning_curve(history: list[dict]) -> list[tuple]:
+    """What training produced per epoch, without the wall-clock fields."""
+    return [(h["epoch"], h["train_loss"], h["val_auroc_ihm"], h["val_brier_ihm"]) for h in history]
+
+
+def test_a_killed_worker_is_restarted_and_resumes_to_the_uninterrupted_result(
+    two_workers, data_dir, tmp_path
 ):
     from ray_jobs.train import run_training
 
     events = tmp_path / "events.jsonl"
     train_fn = recording_train(events, crash_after_epoch=1, marker=tmp_path / "crashed")
     _, _, history = run_training(
-        tiny_params(tmp_path / "ray", max_failures=1), data_dir, "crash-once", train_fn=train_fn
+        two_worker_params(tmp_path / "ray", max_failures=1),
+        data_dir,
+        "crash-once",
+        train_fn=train_fn,
     )
 
     assert (tmp_path / "crashed").exists()
-    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
     log = read_events(events)
-    starts = [e["restored_after_epoch"] for e in log if e.get("start")]
-    assert starts == [None, 1], "the second attempt restores epoch 1's checkpoint, not step 0"
-    reported = [e["reported_epoch"] for e in log if "reported_epoch" in e]
+    starts = [(e["rank"], e["restored_after_epoch"]) for e in log if e.get("start")]
+    assert sorted(starts) == [(0, None), (0, 1), (1, None), (1, 1)], (
+        "both ranks of the second attempt restore epoch 1's checkpoint, not step 0"
+    )
+    reported = [e["reported_epoch"] for e in log if "reported_epoch" in e and e["rank"] == 0]
     assert reported == [1, 2, 3], "no epoch is lost or trained twice"
+    assert learning_curve(history) == pytest.approx(learning_curve(two_workers["history"]))
 
 
 def test_rerunning_an_interrupted_run_with_the_same_name_resumes_it(
@@ -159,31 +204,10 @@ def test_rerunning_an_interrupted_run_with_the_same_name_resumes_it(
     assert 0.0 <= best_metrics["val_auroc_ihm"] <= 1.0
 
 
-def test_two_workers_merge_every_ranks_checkpoint_and_only_rank_0_logs_to_mlflow(
-    ray_session, data_dir, tmp_path
-):
-    import mlflow
-
-    from ray_jobs.train import run_training
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = mlflow.MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("ft")).info.run_id
-    params = tiny_params(tmp_path / "ray", num_workers=2)
-    params["deepspeed"]["zero_stage"] = 1  # optimizer state sharded: one file per rank
-    events = tmp_path / "events.jsonl"
-    best_dir, _, history = run_training(
-        params,
-        data_dir,
-        "two-workers",
-        mlflow_run_id=run_id,
-        tracking_uri=uri,
-        train_fn=recording_train(events),
-    )
-
-    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
-    written = {e["rank"]: set(e["files"]) for e in read_events(events) if "files" in e}
-    assert set(written) == {0, 1}
+def test_two_workers_merge_every_ranks_checkpoint_and_only_rank_0_logs_to_mlflow(two_workers):
+    best_dir, client, run_id = two_workers["best_dir"], two_workers["client"], two_workers["run_id"]
+    assert [h["epoch"] for h in two_workers["history"]] == list(range(1, EPOCHS + 1))
+    assert {e["rank"] for e in two_workers["events"] if "reported_epoch" in e} == {0, 1}
     merged = {str(p.relative_to(best_dir)) for p in best_dir.rglob("*") if p.is_file()}
     shards = {f"ckpt/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
     assert shards <= merged, f"per-rank optimizer shards missing from {sorted(merged)}"
