@@ -86,7 +86,9 @@ def validate_space(tp: dict) -> None:
         problems.append(f"tune.entropy_weight must be >= 0 (got {[w for w in weights if w < 0]})")
     spec = tp["entropy_weight"]
     if isinstance(spec, dict) and spec.get("log") and min(weights) <= 0:
-        problems.append("tune.entropy_weight: a log range needs low > 0 (list 0.0 explicitly instead)")
+        problems.append(
+            "tune.entropy_weight: a log range needs low > 0 (list 0.0 explicitly instead)"
+        )
     unknown = [g for g in gates if g not in GATE_TYPES]
     if unknown:
         problems.append(f"tune.gate: unknown gate(s) {unknown}; use {', '.join(GATE_TYPES)}")

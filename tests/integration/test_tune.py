@@ -133,7 +133,11 @@ def test_mlflow_has_a_parent_run_with_one_child_per_trial(search):
     assert parent.data.params["tune.num_samples"] == str(NUM_SAMPLES)
     assert "best.model.num_experts" in parent.data.params
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
-    assert {"tune/trials.csv", "tune/metric_vs_knobs.png", "tune/parallel_coordinates.png"} <= artifacts
+    assert {
+        "tune/trials.csv",
+        "tune/metric_vs_knobs.png",
+        "tune/parallel_coordinates.png",
+    } <= artifacts
     assert len(children) == NUM_SAMPLES
     for run in children:
         assert run.info.status == "FINISHED"
@@ -154,10 +158,14 @@ def test_interrupted_search_resumes_without_losing_or_repeating_trials(search):
     assert len(steps) == len(set(steps))
 
 
-def test_a_finished_search_is_not_restored_but_its_directory_marked_complete(search):
-    from ray_jobs.tune import COMPLETE_MARKER
+def test_a_finished_search_is_started_over_when_run_again(search):
+    from ray_jobs.tune import COMPLETE_MARKER, PARENT_RUN_FILE, experiment_dir
 
-    assert (Path(search["summary"]["ray_experiment"]) / COMPLETE_MARKER).is_file()
+    path = Path(search["summary"]["ray_experiment"])
+    assert (path / COMPLETE_MARKER).is_file()
+    assert experiment_dir(search["params"], path.name) == path
+    assert list(path.iterdir()) == []  # no stale trials, no reused MLflow parent
+    assert not (path / PARENT_RUN_FILE).exists()
 
 
 @pytest.mark.parametrize(
