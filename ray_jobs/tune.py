@@ -187,7 +187,7 @@ def _trial_torch_trainer(cfg: dict, base: dict) -> None:
         ),
         run_config=RunConfig(
             # Same name on a restored trial, so the TorchTrainer resumes from its checkpoint.
-            name=f"{tune.get_context().get_experiment_name()}-{tune.get_context().get_trial_id()}",
+            name=f"{base['experiment']}-{tune.get_context().get_trial_id()}",
             storage_path=str(Path(rp["storage_path"]).resolve() / "tune-trials"),
             failure_config=FailureConfig(max_failures=int(rp.get("max_failures", 1))),
             callbacks=[TuneReportCallback()],
@@ -321,10 +321,11 @@ def run_search(
     path = experiment_dir(params, name, fresh_if_complete=False)
     init_ray(params["ray"])
     base = {k: params[k] for k in ("model", "train", "deepspeed", "ray", "tune")}
-    base["data_dir"] = str(Path(data_dir).resolve())
+    base["data_dir"], base["experiment"] = str(Path(data_dir).resolve()), name
     workers = int(tp.get("trial_workers", 1))
     if workers > 1:  # the trial only drives a TorchTrainer whose workers hold the CPUs
         resources = {"CPU": 0.01}
+        _check_capacity(workers * float(params["ray"].get("cpus_per_worker", 1)) + 0.01)
     else:
         resources = {"CPU": float(tp.get("cpus_per_trial", 1))}
         if params["ray"].get("use_gpu", False):
@@ -353,6 +354,8 @@ def run_search(
                 num_samples=int(tp["num_samples"]),
                 max_concurrent_trials=int(tp.get("max_concurrent_trials", 1)),
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+                # One process for trial after trial: saves importing torch + DeepSpeed each time.
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -382,6 +385,18 @@ def run_search(
     }
     (path / COMPLETE_MARKER).write_text("done\n")
     return SearchResult(trials=rows, best=best, wall_s=wall, experiment_dir=path, counts=counts)
+
+
+def _check_capacity(cpus: float) -> None:
+    """A trial that can never be scheduled would leave Tune waiting forever: fail instead."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0))
+    if cpus > total:
+        raise ValueError(
+            f"a TorchTrainer trial needs {cpus:g} CPUs (tune.trial_workers x ray.cpus_per_worker "
+            f"+ 0.01 for the trial) but Ray has {total:g}; lower ray.cpus_per_worker or raise ray.num_cpus"
+        )
 
 
 def _trial_row(result, metric: str, max_epochs: int) -> dict[str, Any]:

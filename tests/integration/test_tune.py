@@ -1,6 +1,6 @@
 """The tune stage on real Ray Tune, Optuna, ASHA and MLflow (SQLite), with tiny synthetic data.
 
-One search of 3 trials is interrupted after its first trial (SIGUSR1, Tune's graceful stop) and
+One search of 2 trials is interrupted after its first trial (SIGUSR1, Tune's graceful stop) and
 run again, which must resume it; the tests then check what that search left behind. One Ray
 session serves the module (its start-up dominates the run time on 2 cores).
 """
@@ -18,7 +18,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-NUM_SAMPLES = 3
+NUM_SAMPLES = 2
 
 
 def tiny_params(tmp: Path, data_dir: Path) -> dict:
@@ -64,7 +64,7 @@ def search(tmp_path_factory):
     from fusemoe.data.synthetic import write_synthetic
 
     data_dir = tmp / "data"
-    write_synthetic(data_dir, num_stays=300, seed=3)
+    write_synthetic(data_dir, num_stays=200, seed=3)
     params = tiny_params(tmp, data_dir)
 
     import ray
