@@ -75,6 +75,7 @@ def log_summary(run_id: str, rows: list[dict], best: dict, metric: str, summary:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import mlflow
+    import numpy as np
     import pandas as pd
 
     client = mlflow.MlflowClient()
@@ -99,8 +100,15 @@ def log_summary(run_id: str, rows: list[dict], best: dict, metric: str, summary:
         fig.savefig(Path(tmp) / "metric_vs_knobs.png", dpi=100)
         plt.close(fig)
         # Parallel coordinates: every knob scaled to [0, 1], one line per trial coloured by score.
-        cols = ["num_experts", "top_k", "entropy_weight", "lr", "best_metric"]
-        coded = ok[cols].astype(float).assign(gate=ok.gate.astype("category").cat.codes)
+        coded = (
+            ok[["num_experts", "top_k", "entropy_weight"]]
+            .astype(float)
+            .assign(
+                log10_lr=np.log10(ok.lr.astype(float)),
+                gate=ok.gate.astype("category").cat.codes,
+                best_metric=ok.best_metric,
+            )
+        )
         span = (coded.max() - coded.min()).replace(0, 1)
         scaled = (coded - coded.min()) / span
         fig, ax = plt.subplots(figsize=(8, 3.5))

@@ -354,8 +354,9 @@ def run_search(
                 num_samples=int(tp["num_samples"]),
                 max_concurrent_trials=int(tp.get("max_concurrent_trials", 1)),
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
-                # One process for trial after trial: saves importing torch + DeepSpeed each time.
-                reuse_actors=True,
+                # A fresh process per trial: a wrapped function trainable cannot be reset for reuse
+                # in Ray 2.60 (every other trial errors), and no DeepSpeed state leaks between trials.
+                reuse_actors=False,
             ),
             run_config=tune.RunConfig(
                 name=name,
