@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -172,9 +173,8 @@ def test_a_killed_worker_is_restarted_and_resumes_to_the_uninterrupted_result(
     assert (tmp_path / "crashed").exists()
     log = read_events(events)
     starts = [(e["rank"], e["restored_after_epoch"]) for e in log if e.get("start")]
-    assert sorted(starts) == [(0, None), (0, 1), (1, None), (1, 1)], (
-        "both ranks of the second attempt restore epoch 1's checkpoint, not step 0"
-    )
+    # Both ranks of the second attempt restore epoch 1's checkpoint, not step 0.
+    assert Counter(starts) == Counter([(0, None), (1, None), (0, 1), (1, 1)])
     reported = [e["reported_epoch"] for e in log if "reported_epoch" in e and e["rank"] == 0]
     assert reported == [1, 2, 3], "no epoch is lost or trained twice"
     assert learning_curve(history) == pytest.approx(learning_curve(two_workers["history"]))
