@@ -78,7 +78,7 @@ def test_repro_registers_a_champion_with_metrics(project):
 
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias("fusemoe-it", "champion")
-    assert champion.version == registry["version"]
+    assert str(champion.version) == registry["version"]
     run_json = json.loads((work / "models/train/run.json").read_text())
     mlflow_run = client.get_run(run_json["mlflow_run_id"])
     assert mlflow_run.data.tags["git_sha"] != "unknown"
