@@ -149,12 +149,16 @@ def _init_distributed(backend: str) -> None:
     """DeepSpeed needs a process group; a lone process gets a one-rank group on 127.0.0.1."""
     import deepspeed
 
-    if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if not dist.is_initialized() and os.environ.get("WORLD_SIZE", "1") == "1":
+        # A lone process (e.g. a Tune trial): its own one-rank group on a free loopback port, never
+        # a MASTER_PORT inherited from whatever started this process.
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 

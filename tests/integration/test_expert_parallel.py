@@ -60,14 +60,18 @@ def free_port() -> int:
 
 
 def launch(fn, **kwargs) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(WORLD))
+    kwargs["_port"] = free_port()
     # fork: the children inherit the already-imported torch/deepspeed (importing deepspeed takes
     # ~20 s on the 2-core CI machine); they use one intra-op thread each.
     mp.start_processes(partial(_run_rank, fn, kwargs), nprocs=WORLD, join=True, start_method="fork")
 
 
 def _run_rank(fn, kwargs, rank: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    # Only the children get rendezvous variables: the test process's environment stays clean
+    # (Ray sessions started later in this process would inherit them).
+    port = kwargs.pop("_port")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
