@@ -58,11 +58,13 @@ PUBLISHED = {
 
 @dataclass
 class Entry:
-    """A configuration: ``kind`` is gbm | logreg | fusemoe; ``model`` overrides params.yaml model."""
+    """A configuration: ``kind`` is gbm | logreg | fusemoe; ``model`` / ``train`` override the
+    params.yaml ``model`` section / the benchmark's training settings."""
 
     kind: str
     description: str
     model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
 
 
 CONFIGS: dict[str, Entry] = {
@@ -80,6 +82,24 @@ CONFIGS: dict[str, Entry] = {
     ),
     "dense": Entry(
         "fusemoe", "Same model, dense FFN instead of MoE (no-MoE baseline)", {"moe": False}
+    ),
+    # Larger variants, tried on seed 0's validation split before the 5-seed runs.
+    "fusemoe_laplace_wide": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; d 128, 8 heads, 32 reference points, expert hidden 256",
+        {
+            "gate": "laplace",
+            "router": "per_modality",
+            "d_model": 128,
+            "n_heads": 8,
+            "num_ref_points": 32,
+            "expert_hidden": 256,
+        },
+    ),
+    "fusemoe_laplace_2layer": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; two MoE Transformer blocks",
+        {"gate": "laplace", "router": "per_modality", "n_layers": 2},
     ),
 }
 
@@ -306,9 +326,14 @@ def main(argv: list[str] | None = None) -> None:
     current = []
     for name in args.configs:
         entry = CONFIGS[name]
-        settings = {"entry": entry.__dict__, "data": data_id, "fractions": FRACTIONS}
+        # (an empty ``train`` is left out so older cached runs keep their fingerprint)
+        described = {k: v for k, v in entry.__dict__.items() if k != "train" or v}
+        settings = {"entry": described, "data": data_id, "fractions": FRACTIONS}
         if entry.kind == "fusemoe":
-            settings |= {"model": params["model"] | entry.model, "train": train_params}
+            settings |= {
+                "model": params["model"] | entry.model,
+                "train": train_params | entry.train,
+            }
         fp = fingerprint(settings)
         current.append((name, fp))
         for seed in args.seeds:
@@ -320,7 +345,9 @@ def main(argv: list[str] | None = None) -> None:
             with threadpool_limits(args.threads):
                 if entry.kind == "fusemoe":
                     data_dir = seed_dir(args.data, args.split_cache, seed, splits[seed])
-                    res = run_fusemoe(entry, data_dir, settings["model"], train_params, seed, log)
+                    res = run_fusemoe(
+                        entry, data_dir, settings["model"], settings["train"], seed, log
+                    )
                 else:
                     if features is None:
                         features = summary_features(stays, events, manifest).to_numpy()

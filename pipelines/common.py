@@ -18,6 +18,7 @@ import yaml
 ROOT = Path.cwd()
 TRAIN_DIR = Path("models/train")  # best checkpoint's weights + model_config.json + run.json
 RUN_FILE = TRAIN_DIR / "run.json"
+BEST_PARAMS = Path("best_params.yaml")  # written by the tune stage, read by train when switched on
 
 
 def stage_args(description: str) -> argparse.Namespace:
@@ -36,6 +37,29 @@ def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] = ()
     if missing:
         sys.exit(f"error: {path}: missing section(s) {missing}")
     return {s: params[s] for s in sections} if sections else params
+
+
+def apply_best_params(params: dict[str, Any], path: str | Path = BEST_PARAMS) -> dict[str, Any]:
+    """``params`` with the tune stage's best values laid over ``model`` / ``train`` when
+    ``train.use_best_params`` is on (otherwise ``params`` unchanged)."""
+    if not params["train"].get("use_best_params", False):
+        return params
+    path = Path(path)
+    if not path.is_file():
+        sys.exit(f"error: train.use_best_params is on but {path} does not exist: run the tune stage "
+                 "first (dvc repro tune) or set train.use_best_params: false")
+    best = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(best, dict) or set(best) - {"model", "train"}:
+        sys.exit(f"error: {path}: expected only 'model' and 'train' sections, got {sorted(best)}")
+    merged = dict(params)
+    for section, values in best.items():
+        if not isinstance(values, dict):
+            sys.exit(f"error: {path}: section '{section}' must be a mapping, got {values!r}")
+        unknown = sorted(set(values) - set(params[section]))
+        if unknown:
+            sys.exit(f"error: {path}: {section}.{unknown[0]} is not a params.yaml {section} key")
+        merged[section] = {**params[section], **values}
+    return merged
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

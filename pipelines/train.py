@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 from pipelines.common import (
+    BEST_PARAMS,
     RUN_FILE,
+    apply_best_params,
     TRAIN_DIR,
     config_hash,
     data_hash,
@@ -32,19 +34,26 @@ SECTIONS = ("data", "model", "train", "deepspeed", "ray", "mlflow")
 
 
 def mlflow_run_for(params: dict, run_name: str, data_dir: Path, dhash: str, ray_dir: Path) -> str:
-    """The MLflow run of this Ray run: reused when resuming, created otherwise."""
+    """The MLflow run of this Ray run: reused when resuming an unfinished run, created otherwise
+    (a finished Ray run is trained afresh, so each training gets its own run and model version)."""
     import mlflow
     import pandas as pd
+
+    from ray_jobs.train import COMPLETE_MARKER
 
     mlflow.set_tracking_uri(tracking_uri(params["mlflow"]))
     mlflow.set_experiment(params["mlflow"]["experiment"])
     id_file = ray_dir / "mlflow_run_id"
+    if (ray_dir / COMPLETE_MARKER).exists():
+        shutil.rmtree(ray_dir)  # a finished run of this configuration: train it again from scratch
     if id_file.is_file():
         return id_file.read_text().strip()
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params(flatten({k: params[k] for k in ("model", "train", "deepspeed", "ray")}))
         mlflow.set_tags({"git_sha": git_sha(), "data_hash": dhash, "ray_run": run_name,
-                         "data_source": params["data"]["source"]})
+                         "data_source": params["data"]["source"],
+                         "params_source": "params.yaml + " + str(BEST_PARAMS)
+                         if params["train"].get("use_best_params") else "params.yaml"})
         stays = pd.read_parquet(data_dir / "stays.parquet")
         dataset = mlflow.data.from_pandas(stays, source=str(data_dir), name=params["data"]["source"],
                                           digest=dhash[:16])
@@ -57,7 +66,7 @@ def mlflow_run_for(params: dict, run_name: str, data_dir: Path, dhash: str, ray_
 
 def main() -> None:
     args = stage_args(__doc__.splitlines()[0])
-    params = load_params(args.params, SECTIONS)
+    params = apply_best_params(load_params(args.params, SECTIONS))
     from fusemoe.parallel.engine import deepspeed_config
     from ray_jobs.train import run_training
 

@@ -1,9 +1,8 @@
 """DVC stage `tune`: Ray Tune search (Optuna + ASHA) over experts, top-K, entropy weight and gate.
 
-Outs: best_params.yaml (the best trial's model/train overrides; copy them into params.yaml to
-train with them) and metrics/tune.json (wall time, trial outcomes, best config and val metric).
-MLflow: one parent run for the search, one nested child run per trial. Not a dependency of
-`train`: a search never changes the trained model behind the user's back.
+Outs: best_params.yaml (the best trial's model/train values; the train stage lays them over
+params.yaml while `train.use_best_params` is on) and metrics/tune.json (wall time, trial outcomes,
+best config and val metric). MLflow: one parent run for the search, one nested child run per trial.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.common import (
+    BEST_PARAMS,
     config_hash,
     data_hash,
     flatten,
@@ -26,7 +26,6 @@ from pipelines.common import (
     write_json_atomic,
 )
 
-BEST_PARAMS = Path("best_params.yaml")
 METRICS = Path("metrics/tune.json")
 SECTIONS = ("data", "model", "train", "deepspeed", "ray", "tune", "mlflow")
 
@@ -156,7 +155,8 @@ def run_stage(
         "mlflow_parent_run_id": run_id,
         "ray_experiment": str(result.experiment_dir),
     }
-    header = f"# Best of tune search {name} ({metric} {best['best_metric']:.4f}); copy into params.yaml\n"
+    header = f"# Best of tune search {name} ({metric} {best['best_metric']:.4f});\n"
+    header += "# train lays these over params.yaml while train.use_best_params is true\n"
     best_params_path = Path(best_params_path)
     tmp = best_params_path.with_name(f".{best_params_path.name}.tmp")
     tmp.write_text(header + yaml.safe_dump(best_overrides(best), sort_keys=False))

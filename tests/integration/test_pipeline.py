@@ -37,6 +37,9 @@ def tiny_params(params: dict, tmp: Path) -> dict:
                            top_k=2, expert_hidden=32)
     params["train"].update(epochs=2, batch_size=32, tasks=["ihm"], primary_metric="val_auroc_ihm")
     params["ray"].update(num_workers=1, storage_path=str(tmp / "ray"))
+    # A two-trial search whose best values the train stage then uses (train.use_best_params).
+    params["tune"].update(num_samples=2, max_epochs=1, grace_period=1, max_train_stays=0,
+                          num_experts=[2, 4], top_k=[1, 2], gate=["softmax", "laplace"])
     params["registry"].update(model_name="fusemoe-it", metric="eval_val_auroc_ihm", max_ece=1.0)
     params["mlflow"]["system_metrics"] = False
     return params
@@ -52,7 +55,7 @@ def project(tmp_path_factory):
         if (REPO / f).is_file():
             (work / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, work / f)
-    for stale in ("dvc.lock", "metrics.json"):
+    for stale in ("dvc.lock", "metrics.json", "best_params.yaml"):
         (work / stale).unlink(missing_ok=True)
     params = tiny_params(yaml.safe_load((work / "params.yaml").read_text()), tmp)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -63,7 +66,7 @@ def project(tmp_path_factory):
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "x"]):
         run(cmd, work, env)
-    # The main chain only (prepare -> train -> evaluate -> register); tune has its own tests.
+    # prepare -> tune -> train -> evaluate -> register
     first = run(["dvc", "repro", "register"], work, env)
     return work, env, first
 
@@ -89,6 +92,25 @@ def test_repro_registers_a_champion_with_metrics(project):
     assert "ihm.test.auroc" in shown
 
 
+def test_train_uses_the_best_params_of_the_tune_stage(project):
+    work, env, first = project
+    assert "Running stage 'tune'" in first
+    assert first.index("Running stage 'tune'") < first.index("Running stage 'train'")
+    best = yaml.safe_load((work / "best_params.yaml").read_text())
+    import mlflow
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run_json = json.loads((work / "models/train/run.json").read_text())
+    logged = client.get_run(run_json["mlflow_run_id"]).data
+    assert logged.tags["params_source"] == "params.yaml + best_params.yaml"
+    for section, values in best.items():
+        for key, value in values.items():
+            assert logged.params[f"{section}.{key}"] == str(value), (section, key)
+    config = json.loads((work / "models/train/model_config.json").read_text())
+    assert config["num_experts"] == best["model"]["num_experts"]
+    assert config["top_k"] == best["model"]["top_k"]
+
+
 def test_second_repro_is_fully_cached(project):
     work, env, _ = project
     out = run(["dvc", "repro", "register"], work, env)
@@ -98,7 +120,7 @@ def test_second_repro_is_fully_cached(project):
 def test_changed_params_retrain_and_promotion_is_guarded(project):
     work, env, _ = project
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["train"]["lr"] = 0.0001
+    params["train"]["weight_decay"] = 0.01  # (lr would be overridden by best_params.yaml)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro", "register"], work, env)
     assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
