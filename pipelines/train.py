@@ -16,8 +16,8 @@ from pathlib import Path
 from pipelines.common import (
     BEST_PARAMS,
     RUN_FILE,
-    apply_best_params,
     TRAIN_DIR,
+    apply_best_params,
     config_hash,
     data_hash,
     flatten,
