@@ -6,6 +6,9 @@ data under plots/ (DVC plots) and logs everything to the train stage's MLflow ru
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +28,28 @@ from pipelines.common import (
     TRAIN_DIR,
     load_params,
     read_run,
+    replace_dir,
     stage_args,
     tracking_uri,
     write_json_atomic,
+)
+from pipelines.figures import (
+    save_binary_curves,
+    save_missingness_sweep,
+    save_training_curves,
+    save_usage_heatmap,
 )
 
 METRICS_FILE = Path("metrics.json")
 PREDICTIONS_FILE = Path("metrics/test_predictions.parquet")
 PLOTS = Path("plots")
+HISTORY_FILE = Path("metrics/train_history.json")
 SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8)
 
 
 def drop_modalities(fraction: float, seed: int):
-    """A batch transform removing each present modality with probability `fraction` (MCAR)."""
+    """Missing completely at random: a batch transform removing each present modality of each
+    sample with probability `fraction`."""
     gen = torch.Generator().manual_seed(seed)
 
     def transform(batch: dict) -> dict:
@@ -48,6 +60,59 @@ def drop_modalities(fraction: float, seed: int):
         return {**batch, "present": present}
 
     return transform
+
+
+def observation_counts(ds: FlexiModalDataset) -> dict[str, np.ndarray]:
+    """Per modality, how many values each stay of `ds` has (static: observed descriptors)."""
+    counts = {name: np.diff(s.obs_offsets) for name, s in ds.series.items()}
+    if ds.static_name is not None:
+        counts[ds.static_name] = ds.static_mask.sum(1)
+    return counts
+
+
+def drop_least_observed(fraction: float, ds: FlexiModalDataset, seed: int):
+    """Missing not at random: in every modality, the `fraction` of the stays having it that have
+    the fewest observations of it lose it (ties broken at random). Whether a modality is missing
+    then depends on what it would have shown: sparsely monitored stays (on P12, mostly the
+    healthier ones) go first, as when a test is not ordered for a stable patient."""
+    rng = np.random.default_rng(seed)
+    row = {sid: i for i, sid in enumerate(ds.stay_ids)}
+    dropped = {}
+    for m, counts in observation_counts(ds).items():
+        having = np.flatnonzero(counts > 0)
+        order = having[np.lexsort((rng.random(len(having)), counts[having]))]
+        flags = np.zeros(len(counts), bool)
+        flags[order[: int(round(fraction * len(having)))]] = True
+        dropped[m] = flags
+
+    def transform(batch: dict) -> dict:
+        rows = [row[s] for s in batch["stay_id"]]
+        present = {
+            m: flags & torch.from_numpy(~dropped[m][rows]).to(flags.device)
+            for m, flags in batch["present"].items()
+        }
+        return {**batch, "present": present}
+
+    return transform
+
+
+def missingness_sweep(model, loader: DataLoader, spec, mechanism) -> list[dict]:
+    """Test metrics with a growing fraction of modalities removed; `mechanism(f)` makes the
+    batch transform removing fraction f."""
+    rows = []
+    for frac in SWEEP:
+        pred = predict(model, loader, torch.device("cpu"), mechanism(frac))
+        row = {"dropped_fraction": frac}
+        for task in spec.tasks:
+            y = pred["labels"][task.name].reshape(-1)
+            yhat = output_to_prediction(task.kind, pred["logits"][task.name])
+            if task.kind == "binary":
+                m = binary_metrics(y, yhat)
+                row[f"auroc_{task.name}"], row[f"auprc_{task.name}"] = m["auroc"], m["auprc"]
+            elif task.kind == "regression":
+                row[f"mae_{task.name}"] = regression_metrics(y, yhat.reshape(-1))["mae"]
+        rows.append(row)
+    return rows
 
 
 def pattern_names(present: dict[str, np.ndarray]) -> np.ndarray:
@@ -138,20 +203,16 @@ def main() -> None:
             continue
         metrics[task.name] = report
 
-    # Robustness: metric vs fraction of modalities removed at test time (missing completely at random).
-    sweep = []
-    for frac in SWEEP:
-        pred = predict(model, loaders["test"], device, drop_modalities(frac, seed))
-        row = {"dropped_fraction": frac}
-        for task in spec.tasks:
-            if task.kind == "binary":
-                m = binary_metrics(pred["labels"][task.name].reshape(-1),
-                                   output_to_prediction("binary", pred["logits"][task.name]))
-                row[f"auroc_{task.name}"] = m["auroc"]
-                row[f"auprc_{task.name}"] = m["auprc"]
-        sweep.append(row)
-    metrics["missingness_sweep"] = sweep
-    plots["missingness_sweep.json"] = sweep
+    # Robustness: metrics vs fraction of modalities removed at test time, at random and not.
+    sweeps = {
+        "mcar": missingness_sweep(model, loaders["test"], spec, lambda f: drop_modalities(f, seed)),
+        "mnar": missingness_sweep(
+            model, loaders["test"], spec, lambda f: drop_least_observed(f, loaders["test"].dataset, seed)
+        ),
+    }
+    metrics["missingness_sweep"] = sweeps
+    for mechanism, rows in sweeps.items():
+        plots[f"missingness_sweep_{mechanism}.json"] = rows
     if test["expert_usage"] is not None:
         plots["expert_usage.json"] = [
             {"modality": m, "expert": e, "fraction": float(test["expert_usage"][i, e])}
@@ -159,11 +220,8 @@ def main() -> None:
             for e in range(test["expert_usage"].shape[1])
         ]
 
-    for name, rows in plots.items():
-        write_json_atomic(PLOTS / name, rows)
+    write_plots(plots, sweeps, metrics, spec, params["train"]["primary_metric"])
     write_predictions(test, spec)
-    if "expert_usage.json" in plots:
-        save_usage_heatmap(plots["expert_usage.json"], PLOTS / "expert_usage.png")
     write_json_atomic(METRICS_FILE, metrics)
     _log_to_mlflow(params, run["mlflow_run_id"], flat, metrics)
     print("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in flat.items() if k.startswith("test_")))
@@ -177,28 +235,22 @@ def routing_rows(spec) -> list[str]:
     return rows
 
 
-def save_usage_heatmap(rows: list[dict], path: Path) -> None:
-    """Expert usage per modality on the test set, as a picture for MLflow and the README."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mods = list(dict.fromkeys(r["modality"] for r in rows))
-    n_exp = max(r["expert"] for r in rows) + 1
-    grid = np.zeros((len(mods), n_exp))
-    for r in rows:
-        grid[mods.index(r["modality"]), r["expert"]] = r["fraction"]
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * n_exp, 1 + 0.6 * len(mods)))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set(xticks=range(n_exp), yticks=range(len(mods)), yticklabels=mods, xlabel="expert",
-           title="Expert usage per modality (test)")
-    fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+def write_plots(plots: dict, sweeps: dict, metrics: dict, spec, primary: str) -> None:
+    """Plot tables (DVC plots) and their pictures (MLflow, README) into a fresh plots/ directory,
+    swapped in whole so no stale or half-written plot survives."""
+    staging = Path(tempfile.mkdtemp(prefix=".plots-", dir=PLOTS.parent)) / "plots"
+    for name, rows in plots.items():
+        write_json_atomic(staging / name, rows)
+    if "expert_usage.json" in plots:
+        save_usage_heatmap(plots["expert_usage.json"], staging / "expert_usage.png")
+    for task in spec.tasks:
+        if task.kind == "binary":
+            save_binary_curves(task.name, plots, metrics[task.name], staging)
+    save_missingness_sweep(sweeps, staging)
+    history = json.loads(HISTORY_FILE.read_text()) if HISTORY_FILE.is_file() else []
+    save_training_curves(history, primary, staging)
+    replace_dir(staging, PLOTS)
+    shutil.rmtree(staging.parent, ignore_errors=True)
 
 
 def write_predictions(pred: dict, spec) -> None:
@@ -219,7 +271,7 @@ def _log_to_mlflow(params: dict, run_id: str, flat: dict[str, float], metrics: d
     for k, v in flat.items():
         client.log_metric(run_id, f"eval_{k}", float(v))
     client.log_dict(run_id, metrics, "evaluation/metrics.json")
-    for f in sorted([*PLOTS.glob("*.json"), *PLOTS.glob("*.png")]):
+    for f in sorted([*PLOTS.glob("*.json"), *PLOTS.glob("*.png")]):  # tables and pictures
         client.log_artifact(run_id, str(f), "evaluation/plots")
 
 

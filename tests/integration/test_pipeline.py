@@ -35,7 +35,8 @@ def tiny_params(params: dict, tmp: Path) -> dict:
     params["data"]["synthetic"] = {"num_stays": 400, "seed": 1}
     params["model"].update(d_model=16, n_heads=2, n_layers=1, num_ref_points=4, num_experts=4,
                            top_k=2, expert_hidden=32)
-    params["train"].update(epochs=2, batch_size=32, tasks=["ihm"], primary_metric="val_auroc_ihm")
+    params["train"].update(epochs=2, batch_size=32, tasks=["ihm", "los_days"],
+                           primary_metric="val_auroc_ihm")
     params["ray"].update(num_workers=1, storage_path=str(tmp / "ray"))
     # A two-trial search whose best values the train stage then uses (train.use_best_params).
     params["tune"].update(num_samples=2, max_epochs=1, grace_period=1, max_train_stays=0,
@@ -90,6 +91,17 @@ def test_repro_registers_a_champion_with_metrics(project):
     assert len(client.get_metric_history(mlflow_run.info.run_id, "val_auroc_ihm")) == 2
     shown = run(["dvc", "metrics", "show"], work, env)
     assert "ihm.test.auroc" in shown
+    assert metrics["los_days"]["test"]["mae"] > 0 and "eval_test_mae_los_days" in mlflow_run.data.metrics
+    for mechanism in ("mcar", "mnar"):
+        sweep = metrics["missingness_sweep"][mechanism]
+        assert [r["dropped_fraction"] for r in sweep] == [0.0, 0.2, 0.4, 0.6, 0.8]
+        assert sweep[0]["auroc_ihm"] == pytest.approx(metrics["ihm"]["test"]["auroc"])
+    logged = {f.path for f in client.list_artifacts(mlflow_run.info.run_id, "evaluation/plots")}
+    for picture in ("roc_ihm", "pr_ihm", "calibration_ihm", "missingness_sweep", "training_curves",
+                    "router_entropy", "expert_usage"):
+        assert f"evaluation/plots/{picture}.png" in logged, picture
+    html = run(["dvc", "plots", "show", "-o", "dvc_plots"], work, env)
+    assert (work / "dvc_plots/index.html").is_file(), html
 
 
 def test_train_uses_the_best_params_of_the_tune_stage(project):
