@@ -96,6 +96,12 @@ CONFIGS: dict[str, Entry] = {
             "expert_hidden": 256,
         },
     ),
+    "fusemoe_laplace_mdrop": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; modality dropout 0.2 while training",
+        {"gate": "laplace", "router": "per_modality"},
+        {"modality_dropout": 0.2},
+    ),
     "fusemoe_laplace_2layer": Entry(
         "fusemoe",
         "FuseMoE, Laplace, per-modality; two MoE Transformer blocks",
@@ -173,7 +179,7 @@ def run_fusemoe(
     """Lean single-process loop (AdamW, grad clipping); epoch chosen by validation AUROC."""
     from torch.utils.data import DataLoader
 
-    from fusemoe.data.dataset import FlexiModalDataset, collate, dataset_spec
+    from fusemoe.data.dataset import FlexiModalDataset, collate, dataset_spec, drop_modalities
     from fusemoe.nn.losses import task_loss
     from fusemoe.train import build_model, predict, select_tasks, set_seed
 
@@ -207,6 +213,7 @@ def run_fusemoe(
         model.train()
         total = 0.0
         for batch in train_loader:
+            batch = drop_modalities(batch, float(train_params.get("modality_dropout", 0.0)))
             out = model(batch)
             loss = task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss
             opt.zero_grad(set_to_none=True)

@@ -23,7 +23,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from fusemoe.data.dataset import DataSpec, FlexiModalDataset, batch_to, collate, dataset_spec
+from fusemoe.data.dataset import (
+    DataSpec,
+    FlexiModalDataset,
+    batch_to,
+    collate,
+    dataset_spec,
+    drop_modalities,
+)
 from fusemoe.data.flexi import load_manifest
 from fusemoe.metrics import binary_metrics, regression_metrics
 from fusemoe.nn.losses import task_loss
@@ -239,6 +246,9 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         log(f"[rank {rank}] resumed from {restore_dir} after epoch {state['epoch'] + 1}")
 
     epochs = int(tcfg["epochs"])
+    modality_dropout = float(tcfg.get("modality_dropout", 0.0))
+    if not 0.0 <= modality_dropout < 1.0:
+        raise ValueError(f"train.modality_dropout={modality_dropout}: expected a probability in [0, 1)")
     metrics: dict = history[-1] if history else {}
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
@@ -249,7 +259,7 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         engine.train()
         total, n_batches, n_samples, routing_acc = 0.0, 0, 0, {}
         for batch in train_loader:
-            batch = batch_to(batch, device)
+            batch = drop_modalities(batch_to(batch, device), modality_dropout)
             out = engine(batch)
             loss = task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss
             if not torch.isfinite(loss):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fusemoe.data.dataset import FlexiModalDataset, collate
+from fusemoe.data.dataset import FlexiModalDataset, collate, drop_modalities
 from fusemoe.metrics import (
     best_f1_threshold,
     binary_metrics,
@@ -47,19 +47,11 @@ HISTORY_FILE = Path("metrics/train_history.json")
 SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8)
 
 
-def drop_modalities(fraction: float, seed: int):
+def at_random(fraction: float, seed: int):
     """Missing completely at random: a batch transform removing each present modality of each
     sample with probability `fraction`."""
     gen = torch.Generator().manual_seed(seed)
-
-    def transform(batch: dict) -> dict:
-        present = {}
-        for m, flags in batch["present"].items():
-            keep = torch.rand(flags.shape, generator=gen) >= fraction
-            present[m] = flags & keep.to(flags.device)
-        return {**batch, "present": present}
-
-    return transform
+    return lambda batch: drop_modalities(batch, fraction, gen)
 
 
 def observation_counts(ds: FlexiModalDataset) -> dict[str, np.ndarray]:
@@ -205,7 +197,7 @@ def main() -> None:
 
     # Robustness: metrics vs fraction of modalities removed at test time, at random and not.
     sweeps = {
-        "mcar": missingness_sweep(model, loaders["test"], spec, lambda f: drop_modalities(f, seed)),
+        "mcar": missingness_sweep(model, loaders["test"], spec, lambda f: at_random(f, seed)),
         "mnar": missingness_sweep(
             model, loaders["test"], spec, lambda f: drop_least_observed(f, loaders["test"].dataset, seed)
         ),

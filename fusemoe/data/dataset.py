@@ -311,6 +311,19 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
+def drop_modalities(batch: dict, p: float, generator: torch.Generator | None = None) -> dict:
+    """The batch with each present modality of each sample removed with probability ``p``: its
+    ``present`` flag is cleared, so the model sees that modality's learned "missing" tokens.
+    Used as training augmentation (``train.modality_dropout``) and for test-time MCAR sweeps."""
+    if p <= 0:
+        return batch
+    present = {}
+    for m, flags in batch["present"].items():
+        keep = torch.rand(flags.shape, generator=generator) >= p
+        present[m] = flags & keep.to(flags.device)
+    return {**batch, "present": present}
+
+
 def batch_to(batch, device: torch.device | str):
     """Move every tensor of a (nested) batch to `device`; other values are returned unchanged."""
     if isinstance(batch, torch.Tensor):

@@ -198,3 +198,19 @@ def test_from_tables_scores_records_like_the_directory_and_rejects_unknown_varia
         FlexiModalError, match=r"records, row 0, column 'variable': unknown variable 'Pulse'"
     ):
         FlexiModalDataset.from_tables(stays, bad, manifest)
+
+
+def test_modality_dropout_only_clears_present_flags_and_is_seeded(syn):
+    from fusemoe.data.dataset import drop_modalities
+
+    batch = collate([FlexiModalDataset(syn, "train")[i] for i in range(64)])
+    assert drop_modalities(batch, 0.0) is batch
+    a = drop_modalities(batch, 0.5, torch.Generator().manual_seed(0))
+    b = drop_modalities(batch, 0.5, torch.Generator().manual_seed(0))
+    for m, flags in batch["present"].items():
+        assert torch.equal(a["present"][m], b["present"][m])
+        assert not (a["present"][m] & ~flags).any()  # a missing modality never comes back
+    kept = sum(int(a["present"][m].sum()) for m in batch["present"])
+    total = sum(int(f.sum()) for f in batch["present"].values())
+    assert 0.3 * total < kept < 0.7 * total
+    assert a["series"] is batch["series"] and a["labels"] is batch["labels"]

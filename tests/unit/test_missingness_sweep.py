@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from fusemoe.data.dataset import FlexiModalDataset, collate
 from fusemoe.data.synthetic import write_synthetic
-from pipelines.evaluate import drop_least_observed, drop_modalities, observation_counts
+from pipelines.evaluate import at_random, drop_least_observed, observation_counts
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_least_observed_stays_lose_a_modality_first(test_split):
 def test_both_mechanisms_remove_the_requested_share_of_present_modalities(test_split, fraction):
     before = presence_after(lambda b: b, test_split)
     n_present = sum(v.sum() for v in before.values())
-    for transform in (drop_modalities(fraction, seed=0), drop_least_observed(fraction, test_split, 0)):
+    for transform in (at_random(fraction, seed=0), drop_least_observed(fraction, test_split, 0)):
         after = presence_after(transform, test_split)
         removed = n_present - sum(v.sum() for v in after.values())
         assert removed == pytest.approx(fraction * n_present, abs=0.06 * n_present)
