@@ -117,6 +117,12 @@ def fingerprint(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def code_digest() -> str:
+    """Digest of the model and data-loading source, so a code change reruns FuseMoE entries."""
+    files = sorted((ROOT / "fusemoe" / "nn").glob("*.py")) + [ROOT / "fusemoe/data/dataset.py"]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
+
 def read_cache(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -340,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
             settings |= {
                 "model": params["model"] | entry.model,
                 "train": train_params | entry.train,
+                "code": code_digest(),
             }
         fp = fingerprint(settings)
         current.append((name, fp))

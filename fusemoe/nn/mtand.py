@@ -88,11 +88,17 @@ class MTANDEncoder(nn.Module):
         # computed without materialising [B, h, T, L, V]: numerator and normaliser per variable.
         density = torch.einsum("bhtl,blv->bhtv", attn, mask)  # the normaliser; also a feature
         numerator = torch.einsum("bhtl,blv->bhtv", attn, values * mask)
-        value = numerator / torch.where(density > 0, density, torch.ones_like(density))
+        # The normaliser is floored: once attention is sharp a variable's mass can underflow to
+        # ~1e-30, and d(num/density)/d(density) = -num/density^2 would overflow to inf -> NaN
+        # (seen after 6 epochs on P12). Below the floor the variable contributes ~0, as it should.
+        value = numerator / density.clamp_min(_DENSITY_FLOOR)
 
         feats = torch.cat([value, density], dim=-1)  # [B, h, T, 2V]
         feats = feats.permute(0, 2, 1, 3).reshape(b, self.ref_times.numel(), -1)
         return self.proj(feats) + self.position(ref)
+
+
+_DENSITY_FLOOR = 1e-6
 
 
 def _masked_softmax(scores: Tensor, keep: Tensor, dim: int) -> Tensor:

@@ -119,8 +119,8 @@ def test_train_uses_the_best_params_of_the_tune_stage(project):
         for key, value in values.items():
             assert logged.params[f"{section}.{key}"] == str(value), (section, key)
     config = json.loads((work / "models/train/model_config.json").read_text())
-    assert config["num_experts"] == best["model"]["num_experts"]
-    assert config["top_k"] == best["model"]["top_k"]
+    assert config["model"]["num_experts"] == best["model"]["num_experts"]
+    assert config["model"]["top_k"] == best["model"]["top_k"]
 
 
 def test_second_repro_is_fully_cached(project):
