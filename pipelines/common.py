@@ -18,6 +18,7 @@ import yaml
 ROOT = Path.cwd()
 TRAIN_DIR = Path("models/train")  # best checkpoint's weights + model_config.json + run.json
 RUN_FILE = TRAIN_DIR / "run.json"
+HISTORY_FILE = Path("metrics/train_history.json")  # per-epoch curves written by train
 BEST_PARAMS = Path("best_params.yaml")  # written by the tune stage, read by train when switched on
 
 

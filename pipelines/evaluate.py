@@ -25,6 +25,7 @@ from fusemoe.metrics import (
 )
 from fusemoe.train import load_model, output_to_prediction, predict, predictions_table
 from pipelines.common import (
+    HISTORY_FILE,
     TRAIN_DIR,
     load_params,
     read_run,
@@ -43,7 +44,6 @@ from pipelines.figures import (
 METRICS_FILE = Path("metrics.json")
 PREDICTIONS_FILE = Path("metrics/test_predictions.parquet")
 PLOTS = Path("plots")
-HISTORY_FILE = Path("metrics/train_history.json")
 SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipelines.common import (
     BEST_PARAMS,
+    HISTORY_FILE,
     RUN_FILE,
     TRAIN_DIR,
     apply_best_params,
@@ -29,7 +30,6 @@ from pipelines.common import (
     write_json_atomic,
 )
 
-HISTORY_FILE = Path("metrics/train_history.json")
 SECTIONS = ("data", "model", "train", "deepspeed", "ray", "mlflow")
 
 

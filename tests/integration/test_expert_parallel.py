@@ -154,12 +154,7 @@ def _check_deepspeed_step(rank: int) -> None:
     engine.backward(loss)
     engine.step()
 
-    ref_params = dict(ref.named_parameters())
-    for name, p in engine.module.named_parameters():
-        want = ref_params[name].detach()
-        if name.startswith("experts."):
-            want = want[expert_slice(rank)]
-        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6, msg=f"param {name}")
+    assert_params_match(engine.module, ref, rank, rtol=1e-5, atol=1e-6)
 
     # The config path (AdamW built by the engine from deepspeed_config, ZeRO-2, clipping).
     torch.manual_seed(0)
@@ -178,12 +173,17 @@ def _check_deepspeed_step(rank: int) -> None:
         opt.step()
         engine.backward(F.mse_loss(engine(x[mine]), y[mine]))
         engine.step()
+    assert_params_match(engine.module, ref, rank, rtol=1e-4, atol=1e-5)
+
+
+def assert_params_match(model, ref, rank: int, rtol: float, atol: float) -> None:
+    """Every parameter equals the single-process reference's (experts: this rank's slice)."""
     ref_params = dict(ref.named_parameters())
-    for name, p in engine.module.named_parameters():
+    for name, p in model.named_parameters():
         want = ref_params[name].detach()
         if name.startswith("experts."):
             want = want[expert_slice(rank)]
-        torch.testing.assert_close(p.detach(), want, rtol=1e-4, atol=1e-5, msg=f"param {name}")
+        torch.testing.assert_close(p.detach(), want, rtol=rtol, atol=atol, msg=f"param {name}")
 
 
 def test_deepspeed_training_step_with_ep2_matches_ep1():
