@@ -102,6 +102,29 @@ CONFIGS: dict[str, Entry] = {
         {"gate": "laplace", "router": "per_modality"},
         {"modality_dropout": 0.2},
     ),
+    "fusemoe_laplace_cosine": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; 1 warmup epoch, cosine decay over 8 epochs",
+        {"gate": "laplace", "router": "per_modality"},
+        {"lr_schedule": "cosine", "warmup_epochs": 1, "epochs": 8},
+    ),
+    "fusemoe_laplace_reg": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; dropout 0.3, weight decay 0.05",
+        {"gate": "laplace", "router": "per_modality", "dropout": 0.3},
+        {"weight_decay": 0.05},
+    ),
+    "fusemoe_laplace_cosine_reg": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; cosine over 8 epochs, dropout 0.3, weight decay 0.05",
+        {"gate": "laplace", "router": "per_modality", "dropout": 0.3},
+        {"lr_schedule": "cosine", "warmup_epochs": 1, "epochs": 8, "weight_decay": 0.05},
+    ),
+    "fusemoe_laplace_counts": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; mTAND tokens carry log(1 + count) per variable",
+        {"gate": "laplace", "router": "per_modality", "count_features": True},
+    ),
     "fusemoe_laplace_2layer": Entry(
         "fusemoe",
         "FuseMoE, Laplace, per-modality; two MoE Transformer blocks",
@@ -187,7 +210,7 @@ def run_fusemoe(
 
     from fusemoe.data.dataset import FlexiModalDataset, collate, dataset_spec, drop_modalities
     from fusemoe.nn.losses import task_loss
-    from fusemoe.train import build_model, predict, select_tasks, set_seed
+    from fusemoe.train import build_model, lr_factor, predict, select_tasks, set_seed
 
     set_seed(seed)
     spec = select_tasks(dataset_spec(load_manifest(data_dir)), [TASK])
@@ -208,6 +231,12 @@ def run_fusemoe(
         weight_decay=float(train_params["weight_decay"]),
     )
     clip = float(train_params.get("grad_clip", 1.0))
+    steps = int(train_params["epochs"]) * len(train_loader)
+    warmup = int(float(train_params.get("warmup_epochs", 0)) * len(train_loader))
+    schedule = str(train_params.get("lr_schedule", "constant"))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, steps, schedule, warmup)
+    )
 
     def scores(split: str) -> tuple[np.ndarray, np.ndarray]:
         pred = predict(model, eval_loader[split], torch.device("cpu"))
@@ -226,6 +255,7 @@ def run_fusemoe(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
+            sched.step()
             total += float(loss.detach())
         train_s = time.perf_counter() - t0
         val = binary_metrics(*scores("val"))

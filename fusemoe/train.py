@@ -49,6 +49,25 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int = 0) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+
+    ``constant``: 1 after a linear warmup. ``cosine``: linear warmup, then a half cosine from 1
+    down to 0.05 at ``total_steps``, so late epochs take small steps instead of overfitting.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule={schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def build_model(model_params: dict, spec: DataSpec) -> FuseMoE:
     return FuseMoE(FuseMoEConfig.from_params(model_params), spec)
 

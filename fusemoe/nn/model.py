@@ -51,6 +51,7 @@ class FuseMoEConfig:
     # Extensions beyond docs/INTERFACES.md (all optional):
     confidence_weight: float = 1.0  # weight of the confidence gate's head-fitting loss
     time_horizon_h: float = 48.0  # reference times span [0, horizon] hours
+    count_features: bool = False  # mTAND tokens also carry log(1 + observations) per variable
     experts_backend: str = "auto"  # fusemoe.nn.experts backend: auto | grouped | loop
 
     def __post_init__(self) -> None:
@@ -151,7 +152,9 @@ class FuseMoE(nn.Module):
         d = cfg.d_model
         self.series_encoders = nn.ModuleDict(
             {
-                name: MTANDEncoder(nv, d, cfg.n_heads, cfg.num_ref_points, cfg.time_horizon_h)
+                name: MTANDEncoder(
+                    nv, d, cfg.n_heads, cfg.num_ref_points, cfg.time_horizon_h, cfg.count_features
+                )
                 for name, nv in spec.series.items()
             }
         )

@@ -49,6 +49,10 @@ class MTANDEncoder(nn.Module):
     density), exact up to fp32 underflow: a variable whose every observation scores ~87 below the
     best-scoring row gets weight 0 there, as if unobserved.
 
+    With ``count_features``, every token also gets ``log(1 + number of observations)`` of each
+    variable: the density channel is relative (a share of the sample's observation times), so
+    without it the model cannot tell 10 heart-rate readings from 100.
+
     Reference times are fixed: ``linspace(0, horizon_h, T)`` hours.
     """
 
@@ -59,6 +63,7 @@ class MTANDEncoder(nn.Module):
         n_heads: int,
         num_ref_points: int,
         horizon_h: float = 48.0,
+        count_features: bool = False,
     ):
         super().__init__()
         if d_model % n_heads:
@@ -68,7 +73,8 @@ class MTANDEncoder(nn.Module):
         self.time_embed = Time2Vec(d_model, scale_h=horizon_h)
         self.query = nn.Linear(d_model, d_model)
         self.key = nn.Linear(d_model, d_model)
-        self.proj = nn.Linear(n_heads * 2 * num_vars, d_model)
+        self.count_features = count_features
+        self.proj = nn.Linear((n_heads * 2 + count_features) * num_vars, d_model)
         self.position = nn.Linear(d_model, d_model)
 
     def forward(self, values: Tensor, mask: Tensor, times: Tensor) -> Tensor:
@@ -95,6 +101,9 @@ class MTANDEncoder(nn.Module):
 
         feats = torch.cat([value, density], dim=-1)  # [B, h, T, 2V]
         feats = feats.permute(0, 2, 1, 3).reshape(b, self.ref_times.numel(), -1)
+        if self.count_features:
+            counts = torch.log1p(mask.sum(1))  # [B, V]
+            feats = torch.cat([feats, counts[:, None, :].expand(-1, feats.shape[1], -1)], dim=-1)
         return self.proj(feats) + self.position(ref)
 
 

@@ -39,9 +39,10 @@ def loss_of(m: FuseMoE, batch: dict, spec: Spec) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("router", ROUTER_TYPES)
-def test_a_sample_scores_the_same_alone_and_in_any_batch(router):
+@pytest.mark.parametrize("count_features", [False, True])
+def test_a_sample_scores_the_same_alone_and_in_any_batch(router, count_features):
     spec = Spec()
-    m = model(router=router, gate_noise=0.5).eval()
+    m = model(router=router, gate_noise=0.5, count_features=count_features).eval()
     samples = make_samples(spec, 6, seed=1)
     with torch.no_grad():
         together = m(collate(samples)).logits["ihm"]
@@ -282,3 +283,20 @@ def test_mtand_gradients_stay_finite_when_attention_is_sharp():
         for name, p in enc.named_parameters():
             assert torch.isfinite(p.grad).all(), (scale, name)
         assert torch.isfinite(x.grad).all(), scale
+
+
+def test_mtand_count_features_tell_sparse_from_dense_sampling():
+    """One variable with the same value read 3 or 6 times over the same hours: the relative
+    density channel cannot tell them apart, the log-count channel can."""
+    from fusemoe.nn.mtand import MTANDEncoder
+
+    def series(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.full((1, n, 1), 0.7), torch.ones(1, n, 1), torch.linspace(2.0, 4.0, n)[None]
+
+    for counts, differ in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        enc = MTANDEncoder(num_vars=1, d_model=8, n_heads=2, num_ref_points=4, count_features=counts)
+        with torch.no_grad():  # constant time keys: attention spreads evenly over the readings
+            enc.key.weight.zero_()
+            sparse, dense = enc(*series(3)), enc(*series(6))
+        assert (sparse - dense).abs().max().item() > 1e-3 if differ else torch.allclose(sparse, dense)
