@@ -36,8 +36,11 @@ def calibration_curve(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
     return [
-        {"predicted": float(p[which == b].mean()), "observed": float(y[which == b].mean()),
-         "count": int((which == b).sum())}
+        {
+            "predicted": float(p[which == b].mean()),
+            "observed": float(y[which == b].mean()),
+            "count": int((which == b).sum()),
+        }
         for b in range(bins)
         if (which == b).any()
     ]

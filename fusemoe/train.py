@@ -77,7 +77,9 @@ def select_tasks(spec: DataSpec, names: list[str]) -> DataSpec:
     known = {t.name: t for t in spec.tasks}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"params.yaml train.tasks: unknown task(s) {unknown}; dataset has {sorted(known)}")
+        raise ValueError(
+            f"params.yaml train.tasks: unknown task(s) {unknown}; dataset has {sorted(known)}"
+        )
     return DataSpec(series=spec.series, static_dim=spec.static_dim, tasks=[known[n] for n in names])
 
 
@@ -183,8 +185,9 @@ def _init_distributed(backend: str) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
@@ -248,10 +251,12 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         from fusemoe.parallel.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, ep_size)
-    ds_config = deepspeed_config(dcfg, micro_batch_size=bs, lr=float(tcfg["lr"]),
-                                 weight_decay=float(tcfg["weight_decay"]))
+    ds_config = deepspeed_config(
+        dcfg, micro_batch_size=bs, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"])
+    )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=_param_groups(model, float(tcfg["weight_decay"])),
+        model=model,
+        model_parameters=_param_groups(model, float(tcfg["weight_decay"])),
         config=ds_config,
     )
 
@@ -267,7 +272,9 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     epochs = int(tcfg["epochs"])
     modality_dropout = float(tcfg.get("modality_dropout", 0.0))
     if not 0.0 <= modality_dropout < 1.0:
-        raise ValueError(f"train.modality_dropout={modality_dropout}: expected a probability in [0, 1)")
+        raise ValueError(
+            f"train.modality_dropout={modality_dropout}: expected a probability in [0, 1)"
+        )
     metrics: dict = history[-1] if history else {}
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()

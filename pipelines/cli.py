@@ -1,8 +1,8 @@
 """`fusemoe` console script: predict with a registered model, promote or roll back the champion.
 
-    fusemoe predict records.parquet predictions.parquet [--model models:/fusemoe-ihm@champion]
-    fusemoe promote 3 [--force]
-    fusemoe rollback
+fusemoe predict records.parquet predictions.parquet [--model models:/fusemoe-ihm@champion]
+fusemoe promote 3 [--force]
+fusemoe rollback
 """
 
 from __future__ import annotations
@@ -58,10 +58,13 @@ def cmd_promote(args, params: dict) -> None:
 
     cfg = params["registry"]
     client = _client(params)
-    decision = promote(client, cfg["model_name"], str(args.version), cfg["metric"], cfg,
-                       force=args.force)
-    print(f"promote: version {args.version} -> {'champion' if decision.promote else 'unchanged'}: "
-          f"{decision.reason}")
+    decision = promote(
+        client, cfg["model_name"], str(args.version), cfg["metric"], cfg, force=args.force
+    )
+    print(
+        f"promote: version {args.version} -> {'champion' if decision.promote else 'unchanged'}: "
+        f"{decision.reason}"
+    )
     if not decision.promote:
         sys.exit(1)
 
@@ -78,8 +81,9 @@ def cmd_rollback(args, params: dict) -> None:
     current = client.get_model_version_by_alias(name, "champion")
     client.set_registered_model_alias(name, "champion", previous.version)
     client.set_registered_model_alias(name, "previous_champion", current.version)
-    client.set_model_version_tag(name, previous.version, "promotion_reason",
-                                 f"rollback from version {current.version}")
+    client.set_model_version_tag(
+        name, previous.version, "promotion_reason", f"rollback from version {current.version}"
+    )
     print(f"rollback: champion {current.version} -> {previous.version}")
 
 

@@ -24,7 +24,9 @@ BEST_PARAMS = Path("best_params.yaml")  # written by the tune stage, read by tra
 
 def stage_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default="params.yaml", help="the params file (default params.yaml)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="the params file (default params.yaml)"
+    )
     return parser.parse_args()
 
 
@@ -47,8 +49,10 @@ def apply_best_params(params: dict[str, Any], path: str | Path = BEST_PARAMS) ->
         return params
     path = Path(path)
     if not path.is_file():
-        sys.exit(f"error: train.use_best_params is on but {path} does not exist: run the tune stage "
-                 "first (dvc repro tune) or set train.use_best_params: false")
+        sys.exit(
+            f"error: train.use_best_params is on but {path} does not exist: run the tune stage "
+            "first (dvc repro tune) or set train.use_best_params: false"
+        )
     best = yaml.safe_load(path.read_text()) or {}
     if not isinstance(best, dict) or set(best) - {"model", "train"}:
         sys.exit(f"error: {path}: expected only 'model' and 'train' sections, got {sorted(best)}")
@@ -90,7 +94,9 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 def git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -130,10 +136,12 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def tracking_uri(mlflow_params: dict) -> str:
     """MLFLOW_TRACKING_URI wins; a relative sqlite path is anchored at the project directory."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow_params.get("tracking_uri", "sqlite:///mlflow.db")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow_params.get(
+        "tracking_uri", "sqlite:///mlflow.db"
+    )
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str((ROOT / uri[len(prefix):]).resolve())
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str((ROOT / uri[len(prefix) :]).resolve())
     return uri
 
 

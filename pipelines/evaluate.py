@@ -145,7 +145,9 @@ def binary_report(task: str, val: dict, test: dict, seed: int) -> tuple[dict, di
     prec, rec, _ = precision_recall_curve(yt[keep].astype(int), pt[keep])
     plots = {
         f"roc_{task}.json": [{"fpr": float(a), "tpr": float(b)} for a, b in _thin(fpr, tpr)],
-        f"pr_{task}.json": [{"recall": float(a), "precision": float(b)} for a, b in _thin(rec, prec)],
+        f"pr_{task}.json": [
+            {"recall": float(a), "precision": float(b)} for a, b in _thin(rec, prec)
+        ],
         f"calibration_{task}.json": calibration_curve(yt[keep], pt[keep]),
     }
     return out, plots
@@ -184,8 +186,10 @@ def main() -> None:
                     flat[f"{split}_{k}_{task.name}"] = report[split][k]
         elif task.kind == "regression":
             report = {
-                split: regression_metrics(d["labels"][task.name].reshape(-1),
-                                          output_to_prediction("regression", d["logits"][task.name]))
+                split: regression_metrics(
+                    d["labels"][task.name].reshape(-1),
+                    output_to_prediction("regression", d["logits"][task.name]),
+                )
                 for split, d in (("val", val), ("test", test))
             }
             for split in ("val", "test"):
@@ -199,7 +203,10 @@ def main() -> None:
     sweeps = {
         "mcar": missingness_sweep(model, loaders["test"], spec, lambda f: at_random(f, seed)),
         "mnar": missingness_sweep(
-            model, loaders["test"], spec, lambda f: drop_least_observed(f, loaders["test"].dataset, seed)
+            model,
+            loaders["test"],
+            spec,
+            lambda f: drop_least_observed(f, loaders["test"].dataset, seed),
         ),
     }
     metrics["missingness_sweep"] = sweeps
@@ -216,7 +223,9 @@ def main() -> None:
     write_predictions(test, spec)
     write_json_atomic(METRICS_FILE, metrics)
     _log_to_mlflow(params, run["mlflow_run_id"], flat, metrics)
-    print("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in flat.items() if k.startswith("test_")))
+    print(
+        "evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in flat.items() if k.startswith("test_"))
+    )
 
 
 def routing_rows(spec) -> list[str]:

@@ -29,7 +29,9 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def save_binary_curves(task: str, tables: dict[str, list[dict]], metrics: dict, out: Path) -> list[Path]:
+def save_binary_curves(
+    task: str, tables: dict[str, list[dict]], metrics: dict, out: Path
+) -> list[Path]:
     """ROC, precision-recall and calibration curves of one binary task on test."""
     plt = _pyplot()
     test = metrics["test"]
@@ -45,19 +47,30 @@ def save_binary_curves(task: str, tables: dict[str, list[dict]], metrics: dict, 
     _save(fig, paths[-1])
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([r["recall"] for r in pr], [r["precision"] for r in pr], label=f"AUPRC {test['auprc']:.3f}")
+    ax.plot(
+        [r["recall"] for r in pr], [r["precision"] for r in pr], label=f"AUPRC {test['auprc']:.3f}"
+    )
     ax.axhline(test["positive_rate"], ls="--", c="grey", lw=0.8, label="prevalence")
-    ax.set(xlabel="recall", ylabel="precision", title=f"Precision-recall ({task}, test)", ylim=(0, 1))
+    ax.set(
+        xlabel="recall", ylabel="precision", title=f"Precision-recall ({task}, test)", ylim=(0, 1)
+    )
     ax.legend(loc="upper right")
     paths.append(out / f"pr_{task}.png")
     _save(fig, paths[-1])
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([r["predicted"] for r in cal], [r["observed"] for r in cal], marker="o",
-            label=f"ECE {test['ece']:.3f}")
+    ax.plot(
+        [r["predicted"] for r in cal],
+        [r["observed"] for r in cal],
+        marker="o",
+        label=f"ECE {test['ece']:.3f}",
+    )
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    ax.set(xlabel="mean predicted probability", ylabel="observed rate",
-           title=f"Calibration ({task}, test)")
+    ax.set(
+        xlabel="mean predicted probability",
+        ylabel="observed rate",
+        title=f"Calibration ({task}, test)",
+    )
     ax.legend(loc="upper left")
     paths.append(out / f"calibration_{task}.png")
     _save(fig, paths[-1])
@@ -71,8 +84,12 @@ def save_missingness_sweep(sweeps: dict[str, list[dict]], out: Path) -> Path:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         for mechanism, rows in sweeps.items():
-            ax.plot([r["dropped_fraction"] for r in rows], [r[key] for r in rows], marker="o",
-                    label=mechanism.upper())
+            ax.plot(
+                [r["dropped_fraction"] for r in rows],
+                [r[key] for r in rows],
+                marker="o",
+                label=mechanism.upper(),
+            )
         ax.set(xlabel="fraction of modalities removed (test)", ylabel=key, title=key)
         ax.legend()
     path = out / "missingness_sweep.png"
@@ -100,7 +117,11 @@ def save_training_curves(history: list[dict], primary: str, out: Path) -> list[P
     if "routing_router_entropy" in history[0]:
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         ax.plot(epochs, [h["routing_router_entropy"] for h in history], marker="o")
-        ax.set(xlabel="epoch", ylabel="mean router entropy (nats)", title="Router entropy over training")
+        ax.set(
+            xlabel="epoch",
+            ylabel="mean router entropy (nats)",
+            title="Router entropy over training",
+        )
         paths.append(out / "router_entropy.png")
         _save(fig, paths[-1])
     return paths
@@ -116,7 +137,12 @@ def save_usage_heatmap(rows: list[dict], path: Path) -> None:
         grid[mods.index(r["modality"]), r["expert"]] = r["fraction"]
     fig, ax = plt.subplots(figsize=(1 + 0.6 * n_exp, 1 + 0.6 * len(mods)))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set(xticks=range(n_exp), yticks=range(len(mods)), yticklabels=mods, xlabel="expert",
-           title="Expert usage per modality (test)")
+    ax.set(
+        xticks=range(n_exp),
+        yticks=range(len(mods)),
+        yticklabels=mods,
+        xlabel="expert",
+        title="Expert usage per modality (test)",
+    )
     fig.colorbar(im, ax=ax, fraction=0.05)
     _save(fig, path)

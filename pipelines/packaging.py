@@ -18,8 +18,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-RECORD_COLUMNS = {"stay_id": "string", "modality": "string", "variable": "string",
-                  "time_h": "float", "value": "float"}
+RECORD_COLUMNS = {
+    "stay_id": "string",
+    "modality": "string",
+    "variable": "string",
+    "time_h": "float",
+    "value": "float",
+}
 
 
 class RecordsError(ValueError):
@@ -35,14 +40,17 @@ def records_to_tables(records: pd.DataFrame, manifest: dict) -> tuple[pa.Table, 
         if not pd.api.types.is_numeric_dtype(records[col]):
             bad = pd.to_numeric(records[col], errors="coerce").isna() & records[col].notna()
             row = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
-            raise RecordsError(f"records: column '{col}' must be numeric; row {row} has "
-                               f"{records[col].iloc[row]!r}")
+            raise RecordsError(
+                f"records: column '{col}' must be numeric; row {row} has {records[col].iloc[row]!r}"
+            )
     modalities = {m["name"]: m for m in manifest["modalities"]}
     unknown = ~records["modality"].isin(list(modalities))
     if unknown.any():
         row = int(np.flatnonzero(unknown.to_numpy())[0])
-        raise RecordsError(f"records: row {row}: unknown modality {records['modality'].iloc[row]!r}; "
-                           f"expected one of {list(modalities)}")
+        raise RecordsError(
+            f"records: row {row}: unknown modality {records['modality'].iloc[row]!r}; "
+            f"expected one of {list(modalities)}"
+        )
     static = next((m for m in manifest["modalities"] if m["kind"] == "static"), None)
     ids = pd.unique(records["stay_id"].astype(str))
     stays = pd.DataFrame({"stay_id": ids, "split": "test"})
@@ -50,11 +58,15 @@ def records_to_tables(records: pd.DataFrame, manifest: dict) -> tuple[pa.Table, 
         stays[task["column"]] = None
     if static is not None:
         rows = records[records["modality"] == static["name"]]
-        wide = rows.pivot_table(index="stay_id", columns="variable", values="value", aggfunc="first")
+        wide = rows.pivot_table(
+            index="stay_id", columns="variable", values="value", aggfunc="first"
+        )
         for v in static["variables"]:
             col = wide[v] if v in wide.columns else pd.Series(dtype="float32")
             stays[v] = stays["stay_id"].map(col).astype("float32")
-    events = records[records["modality"] != (static["name"] if static else None)][list(RECORD_COLUMNS)]
+    events = records[records["modality"] != (static["name"] if static else None)][
+        list(RECORD_COLUMNS)
+    ]
     events = events.astype({"stay_id": str, "time_h": "float32", "value": "float32"})
     return pa.Table.from_pandas(stays, preserve_index=False), pa.Table.from_pandas(
         events, preserve_index=False
@@ -101,9 +113,16 @@ def example_records(data_dir: Path, n_stays: int = 2) -> pd.DataFrame:
     static = next((m for m in manifest["modalities"] if m["kind"] == "static"), None)
     parts = [events[list(RECORD_COLUMNS)]]
     if static is not None:
-        s = stays[stays["stay_id"].isin(ids)].melt(
-            id_vars="stay_id", value_vars=static["variables"], var_name="variable", value_name="value"
-        ).dropna()
+        s = (
+            stays[stays["stay_id"].isin(ids)]
+            .melt(
+                id_vars="stay_id",
+                value_vars=static["variables"],
+                var_name="variable",
+                value_name="value",
+            )
+            .dropna()
+        )
         s["modality"], s["time_h"] = static["name"], 0.0
         parts.append(s[list(RECORD_COLUMNS)])
     return pd.concat(parts, ignore_index=True).astype({"time_h": "float32", "value": "float32"})
@@ -142,5 +161,7 @@ def log_pyfunc_model(run_id: str, data_dir: Path, model_dir: Path = Path("models
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("torch", "numpy", "pandas", "pyarrow", "scikit-learn",
-                                           "mlflow", "pyyaml")]
+    return [
+        f"{p}=={version(p)}"
+        for p in ("torch", "numpy", "pandas", "pyarrow", "scikit-learn", "mlflow", "pyyaml")
+    ]

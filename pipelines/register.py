@@ -41,15 +41,23 @@ def decide(
 
     if challenger_metric is None or not math.isfinite(challenger_metric):
         return make(False, f"challenger metric is not finite ({challenger_metric})")
-    if challenger_ece is not None and (not math.isfinite(challenger_ece) or challenger_ece > max_ece):
+    if challenger_ece is not None and (
+        not math.isfinite(challenger_ece) or challenger_ece > max_ece
+    ):
         return make(False, f"calibration gate: ECE {challenger_ece:.4f} > max_ece {max_ece}")
     if champion_metric is None:
         return make(True, "no champion yet")
     if challenger_metric > champion_metric + min_improvement:
-        return make(True, f"{challenger_metric:.4f} beats champion {champion_metric:.4f} "
-                          f"by more than {min_improvement}")
-    return make(False, f"{challenger_metric:.4f} does not beat champion {champion_metric:.4f} "
-                       f"by more than {min_improvement}")
+        return make(
+            True,
+            f"{challenger_metric:.4f} beats champion {champion_metric:.4f} "
+            f"by more than {min_improvement}",
+        )
+    return make(
+        False,
+        f"{challenger_metric:.4f} does not beat champion {champion_metric:.4f} "
+        f"by more than {min_improvement}",
+    )
 
 
 def champion(client, name: str):
@@ -67,7 +75,9 @@ def run_metric(client, run_id: str, key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def promote(client, name: str, version: str, metric: str, cfg: dict, force: bool = False) -> Decision:
+def promote(
+    client, name: str, version: str, metric: str, cfg: dict, force: bool = False
+) -> Decision:
     """Applies the promotion rule to `version` and moves `champion` if it passes (or if forced)."""
     challenger = client.get_model_version(name, version)
     current = champion(client, name)
@@ -82,14 +92,20 @@ def promote(client, name: str, version: str, metric: str, cfg: dict, force: bool
         current.version if current is not None else None,
     )
     if force and not decision.promote:
-        decision = Decision(True, f"forced ({decision.reason})", decision.challenger_metric,
-                            decision.champion_metric, decision.champion_version)
+        decision = Decision(
+            True,
+            f"forced ({decision.reason})",
+            decision.challenger_metric,
+            decision.champion_metric,
+            decision.champion_version,
+        )
     if decision.promote:
         if current is not None:
             client.set_registered_model_alias(name, "previous_champion", current.version)
         client.set_registered_model_alias(name, "champion", version)
-    client.set_model_version_tag(name, version, "promotion_decision",
-                                 "champion" if decision.promote else "challenger")
+    client.set_model_version_tag(
+        name, version, "promotion_decision", "champion" if decision.promote else "challenger"
+    )
     client.set_model_version_tag(name, version, "promotion_reason", decision.reason)
     return decision
 
@@ -110,8 +126,13 @@ def main() -> None:
     version = str(mlflow.register_model(model_uri, name).version)
     client.set_registered_model_alias(name, "challenger", version)
     decision = promote(client, name, version, cfg["metric"], cfg)
-    record = {"model_name": name, "version": version, "model_uri": model_uri,
-              "champion": decision.promote, **asdict(decision)}
+    record = {
+        "model_name": name,
+        "version": version,
+        "model_uri": model_uri,
+        "champion": decision.promote,
+        **asdict(decision),
+    }
     write_json_atomic(REGISTRY_FILE, record)
     who = "champion + challenger" if decision.promote else "challenger"
     print(f"register: {name} version {version} -> {who}: {decision.reason}")

@@ -50,13 +50,21 @@ def mlflow_run_for(params: dict, run_name: str, data_dir: Path, dhash: str, ray_
         return id_file.read_text().strip()
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params(flatten({k: params[k] for k in ("model", "train", "deepspeed", "ray")}))
-        mlflow.set_tags({"git_sha": git_sha(), "data_hash": dhash, "ray_run": run_name,
-                         "data_source": params["data"]["source"],
-                         "params_source": "params.yaml + " + str(BEST_PARAMS)
-                         if params["train"].get("use_best_params") else "params.yaml"})
+        mlflow.set_tags(
+            {
+                "git_sha": git_sha(),
+                "data_hash": dhash,
+                "ray_run": run_name,
+                "data_source": params["data"]["source"],
+                "params_source": "params.yaml + " + str(BEST_PARAMS)
+                if params["train"].get("use_best_params")
+                else "params.yaml",
+            }
+        )
         stays = pd.read_parquet(data_dir / "stays.parquet")
-        dataset = mlflow.data.from_pandas(stays, source=str(data_dir), name=params["data"]["source"],
-                                          digest=dhash[:16])
+        dataset = mlflow.data.from_pandas(
+            stays, source=str(data_dir), name=params["data"]["source"], digest=dhash[:16]
+        )
         mlflow.log_input(dataset, context="training")
         mlflow.log_dict(json.loads((data_dir / "manifest.json").read_text()), "data/manifest.json")
     ray_dir.mkdir(parents=True, exist_ok=True)
@@ -74,21 +82,30 @@ def main() -> None:
     if not (data_dir / "manifest.json").is_file():
         sys.exit(f"error: {data_dir}/manifest.json not found: run the prepare stage first")
     dhash = data_hash(data_dir)
-    fingerprint = config_hash({k: params[k] for k in ("model", "train", "deepspeed")} | {"data": dhash})
+    fingerprint = config_hash(
+        {k: params[k] for k in ("model", "train", "deepspeed")} | {"data": dhash}
+    )
     run_name = f"{params['train']['run_name']}-{fingerprint}"
     ray_dir = Path(params["ray"]["storage_path"]).resolve() / run_name
     run_id = mlflow_run_for(params, run_name, data_dir, dhash, ray_dir)
 
     import mlflow
 
-    ds = deepspeed_config(params["deepspeed"], micro_batch_size=int(params["train"]["batch_size"]),
-                          lr=float(params["train"]["lr"]),
-                          weight_decay=float(params["train"]["weight_decay"]))
+    ds = deepspeed_config(
+        params["deepspeed"],
+        micro_batch_size=int(params["train"]["batch_size"]),
+        lr=float(params["train"]["lr"]),
+        weight_decay=float(params["train"]["weight_decay"]),
+    )
     mlflow.log_dict(ds, "deepspeed_config.json", run_id=run_id)
 
     t0 = time.perf_counter()
     best_dir, best_metrics, history = run_training(
-        params, data_dir, run_name, mlflow_run_id=run_id, tracking_uri=tracking_uri(params["mlflow"])
+        params,
+        data_dir,
+        run_name,
+        mlflow_run_id=run_id,
+        tracking_uri=tracking_uri(params["mlflow"]),
     )
     wall = time.perf_counter() - t0
 
@@ -114,8 +131,10 @@ def main() -> None:
     client.set_tag(run_id, "best_epoch", str(run_info["best_epoch"]))
     client.log_metric(run_id, "train_wall_s", wall)
     primary = params["train"]["primary_metric"]
-    print(f"train: best epoch {run_info['best_epoch']} {primary} "
-          f"{best_metrics.get(primary, float('nan')):.4f} in {wall:.0f}s; MLflow run {run_id}")
+    print(
+        f"train: best epoch {run_info['best_epoch']} {primary} "
+        f"{best_metrics.get(primary, float('nan')):.4f} in {wall:.0f}s; MLflow run {run_id}"
+    )
 
 
 if __name__ == "__main__":

@@ -70,8 +70,13 @@ def _run_rank(fn, kwargs, rank: int) -> None:
     # Only the children get rendezvous variables: the test process's environment stays clean
     # (Ray sessions started later in this process would inherit them).
     port = kwargs.pop("_port")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
-                      RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:

@@ -24,23 +24,43 @@ BIN = Path(sys.executable).parent
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc.stdout + proc.stderr
 
 
 def tiny_params(params: dict, tmp: Path) -> dict:
     # raw_dir stays a (real, read-only) DVC dependency even for the synthetic source.
-    params["data"].update(source="synthetic", out_dir="data/processed",
-                          raw_dir=str(REPO.parent / "shared/data/physionet2012"))
+    params["data"].update(
+        source="synthetic",
+        out_dir="data/processed",
+        raw_dir=str(REPO.parent / "shared/data/physionet2012"),
+    )
     params["data"]["synthetic"] = {"num_stays": 400, "seed": 1}
-    params["model"].update(d_model=16, n_heads=2, n_layers=1, num_ref_points=4, num_experts=4,
-                           top_k=2, expert_hidden=32)
-    params["train"].update(epochs=2, batch_size=32, tasks=["ihm", "los_days"],
-                           primary_metric="val_auroc_ihm")
+    params["model"].update(
+        d_model=16,
+        n_heads=2,
+        n_layers=1,
+        num_ref_points=4,
+        num_experts=4,
+        top_k=2,
+        expert_hidden=32,
+    )
+    params["train"].update(
+        epochs=2, batch_size=32, tasks=["ihm", "los_days"], primary_metric="val_auroc_ihm"
+    )
     params["ray"].update(num_workers=1, storage_path=str(tmp / "ray"))
     # A two-trial search whose best values the train stage then uses (train.use_best_params).
-    params["tune"].update(num_samples=2, max_epochs=1, grace_period=1, max_train_stays=0,
-                          num_experts=[2, 4], top_k=[1, 2], gate=["softmax", "laplace"])
+    params["tune"].update(
+        num_samples=2,
+        max_epochs=1,
+        grace_period=1,
+        max_train_stays=0,
+        num_experts=[2, 4],
+        top_k=[1, 2],
+        gate=["softmax", "laplace"],
+    )
     params["registry"].update(model_name="fusemoe-it", metric="eval_val_auroc_ihm", max_ece=1.0)
     params["mlflow"]["system_metrics"] = False
     return params
@@ -50,8 +70,13 @@ def tiny_params(params: dict, tmp: Path) -> dict:
 def project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("repro")
     work = tmp / "project"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for f in files:
         if (REPO / f).is_file():
             (work / f).parent.mkdir(parents=True, exist_ok=True)
@@ -60,12 +85,20 @@ def project(tmp_path_factory):
         (work / stale).unlink(missing_ok=True)
     params = tiny_params(yaml.safe_load((work / "params.yaml").read_text()), tmp)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": str(work)}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": str(work),
+    }
     env.pop("RAY_ADDRESS", None)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "x"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "x"],
+    ):
         run(cmd, work, env)
     # prepare -> tune -> train -> evaluate -> register
     first = run(["dvc", "repro", "register"], work, env)
@@ -91,14 +124,24 @@ def test_repro_registers_a_champion_with_metrics(project):
     assert len(client.get_metric_history(mlflow_run.info.run_id, "val_auroc_ihm")) == 2
     shown = run(["dvc", "metrics", "show"], work, env)
     assert "ihm.test.auroc" in shown
-    assert metrics["los_days"]["test"]["mae"] > 0 and "eval_test_mae_los_days" in mlflow_run.data.metrics
+    assert (
+        metrics["los_days"]["test"]["mae"] > 0
+        and "eval_test_mae_los_days" in mlflow_run.data.metrics
+    )
     for mechanism in ("mcar", "mnar"):
         sweep = metrics["missingness_sweep"][mechanism]
         assert [r["dropped_fraction"] for r in sweep] == [0.0, 0.2, 0.4, 0.6, 0.8]
         assert sweep[0]["auroc_ihm"] == pytest.approx(metrics["ihm"]["test"]["auroc"])
     logged = {f.path for f in client.list_artifacts(mlflow_run.info.run_id, "evaluation/plots")}
-    for picture in ("roc_ihm", "pr_ihm", "calibration_ihm", "missingness_sweep", "training_curves",
-                    "router_entropy", "expert_usage"):
+    for picture in (
+        "roc_ihm",
+        "pr_ihm",
+        "calibration_ihm",
+        "missingness_sweep",
+        "training_curves",
+        "router_entropy",
+        "expert_usage",
+    ):
         assert f"evaluation/plots/{picture}.png" in logged, picture
     html = run(["dvc", "plots", "show", "-o", "dvc_plots"], work, env)
     assert (work / "dvc_plots/index.html").is_file(), html
@@ -159,8 +202,9 @@ def test_registered_pyfunc_reproduces_the_evaluate_stage_predictions(project):
     merged = expected.merge(got, on="stay_id", suffixes=("_evaluate", "_pyfunc"))
     assert len(merged) == len(expected)
     np.testing.assert_allclose(merged["prob_ihm_pyfunc"], merged["prob_ihm_evaluate"], atol=1e-5)
-    np.testing.assert_allclose(merged["los_days_pyfunc"], merged["los_days_evaluate"], rtol=1e-5,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        merged["los_days_pyfunc"], merged["los_days_evaluate"], rtol=1e-5, atol=1e-4
+    )
 
 
 def test_predict_cli_rejects_bad_records_and_writes_nothing(project, tmp_path):
@@ -178,8 +222,14 @@ def test_predict_cli_rejects_bad_records_and_writes_nothing(project, tmp_path):
     for name, bad in cases.items():
         src, dst = tmp_path / f"{name}.parquet", tmp_path / f"{name}-out.parquet"
         bad.to_parquet(src)
-        proc = subprocess.run([str(BIN / "fusemoe"), "predict", str(src), str(dst)], cwd=work,
-                              env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [str(BIN / "fusemoe"), "predict", str(src), str(dst)],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode != 0, name
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and str(src) in last, (name, proc.stderr[-2000:])
@@ -203,9 +253,24 @@ def test_served_champion_answers_one_request_on_localhost(project):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/fusemoe-it@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/fusemoe-it@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.time() + 180
@@ -219,8 +284,11 @@ def test_served_champion_answers_one_request_on_localhost(project):
                 time.sleep(2)
         records = example_records(work / "data/processed", n_stays=2)
         body = json.dumps({"dataframe_split": records.to_dict(orient="split")}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             preds = json.loads(resp.read())["predictions"]
         assert len(preds) == 2 and all(0.0 <= p["prob_ihm"] <= 1.0 for p in preds)

@@ -295,8 +295,12 @@ def test_mtand_count_features_tell_sparse_from_dense_sampling():
 
     for counts, differ in ((False, False), (True, True)):
         torch.manual_seed(0)
-        enc = MTANDEncoder(num_vars=1, d_model=8, n_heads=2, num_ref_points=4, count_features=counts)
+        enc = MTANDEncoder(
+            num_vars=1, d_model=8, n_heads=2, num_ref_points=4, count_features=counts
+        )
         with torch.no_grad():  # constant time keys: attention spreads evenly over the readings
             enc.key.weight.zero_()
             sparse, dense = enc(*series(3)), enc(*series(6))
-        assert (sparse - dense).abs().max().item() > 1e-3 if differ else torch.allclose(sparse, dense)
+        assert (
+            (sparse - dense).abs().max().item() > 1e-3 if differ else torch.allclose(sparse, dense)
+        )
