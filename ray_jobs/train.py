@@ -141,7 +141,11 @@ def run_training(
         raise RuntimeError(f"Ray run {run_name} finished without a checkpoint in {run_dir}")
     sign = 1 if _higher_is_better(primary) else -1
     checkpoint, metrics = max(best, key=lambda cm: sign * float(cm[1].get(primary, float("-inf"))))
-    history = list(result.return_value.get("history", [])) if isinstance(result.return_value, dict) else []
+    history = (
+        list(result.return_value.get("history", []))
+        if isinstance(result.return_value, dict)
+        else []
+    )
     (run_dir / COMPLETE_MARKER).write_text("done\n")
     return Path(checkpoint.path), metrics, history
 

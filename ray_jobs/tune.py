@@ -113,6 +113,29 @@ def search_space(tp: dict) -> dict:
     return {k: domain(tp[k]) for k in MODEL_KNOBS} | {"lr": domain(tp.get("lr", [1e-3]))}
 
 
+def _in_domain(value: Any, spec: Any) -> bool:
+    if isinstance(spec, dict):
+        return float(spec["low"]) <= float(value) <= float(spec["high"])
+    return value in (spec if isinstance(spec, list) else [spec])
+
+
+def starting_point(params: dict) -> dict | None:
+    """params.yaml's own model/train values as the search's first trial, if the space holds them.
+
+    So the search never prefers a configuration that its own proxy (few epochs, capped train
+    set) rates below the one the user wrote down; None when any value lies outside the space.
+    """
+    tp = params["tune"]
+    point = {k: params["model"].get(k) for k in MODEL_KNOBS}
+    point["lr"] = params["train"].get("lr")
+    spaces = {k: tp[k] for k in MODEL_KNOBS} | {"lr": tp.get("lr", [1e-3])}
+    if any(point[k] is None or not _in_domain(point[k], spaces[k]) for k in point):
+        return None
+    if isinstance(spaces["lr"], dict) or isinstance(spaces["entropy_weight"], dict):
+        point = {k: float(v) if isinstance(spaces[k], dict) else v for k, v in point.items()}
+    return point
+
+
 def trial_train_config(base: dict, sample: dict) -> dict:
     """fusemoe.train's cfg for one trial: the base sections with the sampled knobs and tune budget."""
     tp = base["tune"]
@@ -338,13 +361,21 @@ def run_search(
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
         max_epochs = int(tp["max_epochs"])
+        start = starting_point(params)
+        print(
+            f"tune: first trial = params.yaml's configuration {start}"
+            if start
+            else "tune: params.yaml's configuration lies outside the search space; not tried"
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(tp),
             tune_config=tune.TuneConfig(
                 metric=metric,
                 mode="max",
-                search_alg=OptunaSearch(seed=int(tp.get("seed", 0))),
+                search_alg=OptunaSearch(
+                    seed=int(tp.get("seed", 0)), points_to_evaluate=[start] if start else None
+                ),
                 scheduler=ASHAScheduler(
                     time_attr="training_iteration",
                     max_t=max_epochs,

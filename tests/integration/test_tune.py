@@ -19,13 +19,20 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_SAMPLES = 2
+STARTING_POINT = {
+    "model": {"num_experts": 4, "top_k": 2, "entropy_weight": 0.1, "gate": "laplace"},
+    "train": {"lr": 0.005},
+}
 
 
 def tiny_params(tmp: Path, data_dir: Path) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(out_dir=str(data_dir), source="synthetic")
     params["model"].update(d_model=16, n_heads=2, n_layers=1, num_ref_points=4, expert_hidden=32)
+    # Inside the space below, so the search's first trial is exactly this configuration.
+    params["model"].update(STARTING_POINT["model"])
     params["train"].update(batch_size=32, tasks=["ihm"], primary_metric="val_auroc_ihm")
+    params["train"].update(STARTING_POINT["train"])
     params["ray"].update(storage_path=str(tmp / "ray"), num_cpus=2)
     params["mlflow"].update(tracking_uri=f"sqlite:///{tmp}/mlflow.db", experiment="tune-it")
     params["tune"].update(
@@ -145,6 +152,13 @@ def test_mlflow_has_a_parent_run_with_one_child_per_trial(search):
         epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val_auroc_ihm")]
         assert epochs == sorted(set(epochs)) and 1 <= len(epochs) <= 2
         assert any(k.startswith("routing_") for k in run.data.metrics)
+
+
+def test_first_trial_is_the_params_yaml_configuration(search):
+    client, _, children = child_runs(search)
+    first = min(children, key=lambda r: r.info.start_time).data.params
+    expected = STARTING_POINT["model"] | STARTING_POINT["train"]
+    assert {k: first[k] for k in expected} == {k: str(v) for k, v in expected.items()}
 
 
 def test_interrupted_search_resumes_without_losing_or_repeating_trials(search):
