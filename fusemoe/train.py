@@ -254,10 +254,23 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     ds_config = deepspeed_config(
         dcfg, micro_batch_size=bs, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"])
     )
+    epochs = int(tcfg["epochs"])
+    steps_per_epoch = math.ceil(len(train_loader) / ds_config["gradient_accumulation_steps"])
+    schedule = str(tcfg.get("lr_schedule", "constant"))
+    warmup = int(float(tcfg.get("warmup_epochs", 0)) * steps_per_epoch)
+    lr_factor(0, epochs * steps_per_epoch, schedule, warmup)  # a bad name fails before DeepSpeed
+
+    def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        # DeepSpeed steps it after every optimizer step and saves it in its checkpoints.
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, epochs * steps_per_epoch, schedule, warmup)
+        )
+
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=_param_groups(model, float(tcfg["weight_decay"])),
         config=ds_config,
+        lr_scheduler=scheduler,
     )
 
     start_epoch, history = 0, []
@@ -269,7 +282,6 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         start_epoch, history = state["epoch"] + 1, state["history"]
         log(f"[rank {rank}] resumed from {restore_dir} after epoch {state['epoch'] + 1}")
 
-    epochs = int(tcfg["epochs"])
     modality_dropout = float(tcfg.get("modality_dropout", 0.0))
     if not 0.0 <= modality_dropout < 1.0:
         raise ValueError(
@@ -305,6 +317,7 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
             "train_loss": total / max(n_batches, 1),
             "samples_per_s": n_samples * world / max(train_s, 1e-9),
             "epoch_s": time.perf_counter() - t0,
+            "lr": float(engine.get_lr()[0]),
             **{f"routing_{k}": v / max(n_batches, 1) for k, v in routing_acc.items()},
             **task_metrics(pred, spec, "val"),
         }

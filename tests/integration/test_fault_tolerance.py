@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 3
+LR = 0.002
 
 
 def tiny_params(storage: Path, num_workers: int = 1, max_failures: int = 1) -> dict:
@@ -41,6 +42,10 @@ def tiny_params(storage: Path, num_workers: int = 1, max_failures: int = 1) -> d
         seed=0,
         primary_metric="val_auroc_ihm",
         max_train_stays=0,
+        # A schedule whose state must survive a restart (DeepSpeed checkpoints it).
+        lr=LR,
+        lr_schedule="cosine",
+        warmup_epochs=1,
     )
     params["deepspeed"].update(zero_stage=0, precision="fp32", ep_size=1)
     params["ray"].update(
@@ -153,7 +158,10 @@ def two_worker_params(storage: Path, max_failures: int = 1) -> dict:
 
 def learning_curve(history: list[dict]) -> list[tuple]:
     """What training produced per epoch, without the wall-clock fields."""
-    return [(h["epoch"], h["train_loss"], h["val_auroc_ihm"], h["val_brier_ihm"]) for h in history]
+    return [
+        (h["epoch"], h["lr"], h["train_loss"], h["val_auroc_ihm"], h["val_brier_ihm"])
+        for h in history
+    ]
 
 
 def test_a_killed_worker_is_restarted_and_resumes_to_the_uninterrupted_result(
@@ -178,6 +186,12 @@ def test_a_killed_worker_is_restarted_and_resumes_to_the_uninterrupted_result(
     reported = [e["reported_epoch"] for e in log if "reported_epoch" in e and e["rank"] == 0]
     assert reported == [1, 2, 3], "no epoch is lost or trained twice"
     assert learning_curve(history) == pytest.approx(learning_curve(two_workers["history"]))
+
+
+def test_cosine_schedule_warms_up_for_one_epoch_then_decays_to_its_floor(two_workers):
+    lrs = [h["lr"] for h in two_workers["history"]]
+    assert lrs[0] == pytest.approx(LR)  # end of the warmup epoch
+    assert lrs[0] > lrs[1] > lrs[2] == pytest.approx(0.05 * LR)
 
 
 def test_rerunning_an_interrupted_run_with_the_same_name_resumes_it(
