@@ -219,19 +219,17 @@ def run_fusemoe(
     ]
     y = members[0]["labels"]
     mean_p = {s: np.mean([m["probs"][s] for m in members], axis=0) for s in ("val", "test")}
-    return {
-        "chosen": {"epoch": [m["epoch"] for m in members]}
-        if len(members) > 1
-        else {"epoch": members[0]["epoch"]},
+    result = {
         "val": binary_metrics(y["val"], mean_p["val"]),
         "test": binary_metrics(y["test"], mean_p["test"]),
-        "history": members[0]["history"] if len(members) == 1 else [m["history"] for m in members],
         "num_params": members[0]["num_params"] * len(members),
-        **(
-            {"members": [{s: binary_metrics(y[s], m["probs"][s]) for s in y} for m in members]}
-            if len(members) > 1
-            else {}
-        ),
+    }
+    if len(members) == 1:
+        return result | {"chosen": {"epoch": members[0]["epoch"]}, "history": members[0]["history"]}
+    return result | {
+        "chosen": {"epoch": [m["epoch"] for m in members]},
+        "history": [m["history"] for m in members],
+        "members": [{s: binary_metrics(y[s], m["probs"][s]) for s in y} for m in members],
     }
 
 
@@ -244,7 +242,7 @@ def train_member(
 
     from fusemoe.data.dataset import FlexiModalDataset, collate, dataset_spec, drop_modalities
     from fusemoe.nn.losses import task_loss
-    from fusemoe.train import build_model, lr_factor, predict, select_tasks, set_seed
+    from fusemoe.train import build_model, lr_scheduler, predict, select_tasks, set_seed
 
     set_seed(seed)
     spec = select_tasks(dataset_spec(load_manifest(data_dir)), [TASK])
@@ -265,12 +263,7 @@ def train_member(
         weight_decay=float(train_params["weight_decay"]),
     )
     clip = float(train_params.get("grad_clip", 1.0))
-    steps = int(train_params["epochs"]) * len(train_loader)
-    warmup = int(float(train_params.get("warmup_epochs", 0)) * len(train_loader))
-    schedule = str(train_params.get("lr_schedule", "constant"))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_factor(step, steps, schedule, warmup)
-    )
+    sched = lr_scheduler(opt, train_params, len(train_loader))
 
     def scores(split: str) -> tuple[np.ndarray, np.ndarray]:
         pred = predict(model, eval_loader[split], torch.device("cpu"))

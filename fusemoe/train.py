@@ -68,6 +68,19 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int = 0)
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, tcfg: dict, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The ``train.lr_schedule`` / ``train.warmup_epochs`` schedule over ``train.epochs``."""
+    total = int(tcfg["epochs"]) * steps_per_epoch
+    schedule = str(tcfg.get("lr_schedule", "constant"))
+    warmup = int(float(tcfg.get("warmup_epochs", 0)) * steps_per_epoch)
+    lr_factor(0, total, schedule, warmup)  # an unknown name fails here, before any training
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, schedule, warmup)
+    )
+
+
 def build_model(model_params: dict, spec: DataSpec) -> FuseMoE:
     return FuseMoE(FuseMoEConfig.from_params(model_params), spec)
 
@@ -256,15 +269,10 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     )
     epochs = int(tcfg["epochs"])
     steps_per_epoch = math.ceil(len(train_loader) / ds_config["gradient_accumulation_steps"])
-    schedule = str(tcfg.get("lr_schedule", "constant"))
-    warmup = int(float(tcfg.get("warmup_epochs", 0)) * steps_per_epoch)
-    lr_factor(0, epochs * steps_per_epoch, schedule, warmup)  # a bad name fails before DeepSpeed
 
     def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         # DeepSpeed steps it after every optimizer step and saves it in its checkpoints.
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, epochs * steps_per_epoch, schedule, warmup)
-        )
+        return lr_scheduler(optimizer, tcfg, steps_per_epoch)
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -110,13 +110,18 @@ def search_space(tp: dict) -> dict:
             return tune.loguniform(lo, hi) if spec.get("log") else tune.uniform(lo, hi)
         return tune.choice(spec if isinstance(spec, list) else [spec])
 
-    return {k: domain(tp[k]) for k in MODEL_KNOBS} | {"lr": domain(tp.get("lr", [1e-3]))}
+    return {k: domain(spec) for k, spec in _knob_specs(tp).items()}
 
 
-def _in_domain(value: Any, spec: Any) -> bool:
+def _knob_specs(tp: dict) -> dict:
+    """Every searched knob's spec from the tune section (lr defaults to a fixed 1e-3)."""
+    return {k: tp[k] for k in MODEL_KNOBS} | {"lr": tp.get("lr", [1e-3])}
+
+
+def _in_domain(name: str, value: Any, spec: Any) -> bool:
     if isinstance(spec, dict):
         return float(spec["low"]) <= float(value) <= float(spec["high"])
-    return value in (spec if isinstance(spec, list) else [spec])
+    return value in _values(name, spec)
 
 
 def starting_point(params: dict) -> dict | None:
@@ -125,15 +130,11 @@ def starting_point(params: dict) -> dict | None:
     So the search never prefers a configuration that its own proxy (few epochs, capped train
     set) rates below the one the user wrote down; None when any value lies outside the space.
     """
-    tp = params["tune"]
-    point = {k: params["model"].get(k) for k in MODEL_KNOBS}
-    point["lr"] = params["train"].get("lr")
-    spaces = {k: tp[k] for k in MODEL_KNOBS} | {"lr": tp.get("lr", [1e-3])}
-    if any(point[k] is None or not _in_domain(point[k], spaces[k]) for k in point):
+    specs = _knob_specs(params["tune"])
+    point = {k: params["model"].get(k) for k in MODEL_KNOBS} | {"lr": params["train"].get("lr")}
+    if any(v is None or not _in_domain(k, v, specs[k]) for k, v in point.items()):
         return None
-    if isinstance(spaces["lr"], dict) or isinstance(spaces["entropy_weight"], dict):
-        point = {k: float(v) if isinstance(spaces[k], dict) else v for k, v in point.items()}
-    return point
+    return {k: float(v) if isinstance(specs[k], dict) else v for k, v in point.items()}
 
 
 def trial_train_config(base: dict, sample: dict) -> dict:
