@@ -108,3 +108,46 @@ def bootstrap_ci(
         for m, v in draws.items()
         if v
     }
+
+
+# The one definition of "better". Every consumer (checkpoint scoring, Tune's mode, the best-trial
+# choice, registry promotion) asks `higher_is_better`; nothing infers a direction on its own.
+HIGHER_IS_BETTER = (
+    "auroc", "auprc", "f1", "accuracy", "macro_f1", "macro_auroc", "micro_auroc",
+    "macro_auprc", "micro_auprc", "r2",
+)  # fmt: skip
+LOWER_IS_BETTER = ("loss", "brier", "ece", "mae", "rmse")
+_SPLIT_PREFIXES = ("eval_", "val_", "test_", "train_")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Direction of a logged metric key such as ``val_auroc_ihm``, ``eval_val_mae_los_days`` or
+    ``val_loss``: the split prefixes are stripped and the longest known metric name that starts
+    the rest decides. An unknown metric is an error, never a guess."""
+    rest = metric
+    while rest.startswith(_SPLIT_PREFIXES):
+        rest = rest.split("_", 1)[1]
+    matches = [
+        (name, up)
+        for names, up in ((HIGHER_IS_BETTER, True), (LOWER_IS_BETTER, False))
+        for name in names
+        if rest == name or rest.startswith(name + "_")
+    ]
+    if not matches:
+        known = ", ".join(sorted(HIGHER_IS_BETTER + LOWER_IS_BETTER))
+        raise ValueError(
+            f"metric '{metric}': unknown direction; its name must contain one of {known}"
+        )
+    return max(matches, key=lambda m: len(m[0]))[1]
+
+
+def metric_mode(metric: str) -> str:
+    """``"max"`` or ``"min"``, as Ray Train and Ray Tune spell the direction."""
+    return "max" if higher_is_better(metric) else "min"
+
+
+def is_better(candidate: float, reference: float, metric: str, margin: float = 0.0) -> bool:
+    """True when ``candidate`` beats ``reference`` on ``metric`` by more than ``margin``."""
+    if higher_is_better(metric):
+        return candidate > reference + margin
+    return candidate < reference - margin

@@ -17,6 +17,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from fusemoe import train as fusemoe_train
+from fusemoe.metrics import higher_is_better, metric_mode
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -128,7 +129,7 @@ def run_training(
             checkpoint_config=CheckpointConfig(
                 num_to_keep=int(rp.get("keep_checkpoints", 2)),
                 checkpoint_score_attribute=primary,
-                checkpoint_score_order="max" if _higher_is_better(primary) else "min",
+                checkpoint_score_order=metric_mode(primary),
             ),
             failure_config=FailureConfig(max_failures=int(rp.get("max_failures", 1))),
         ),
@@ -139,7 +140,7 @@ def run_training(
     best = result.best_checkpoints or []
     if not best:
         raise RuntimeError(f"Ray run {run_name} finished without a checkpoint in {run_dir}")
-    sign = 1 if _higher_is_better(primary) else -1
+    sign = 1 if higher_is_better(primary) else -1
     checkpoint, metrics = max(best, key=lambda cm: sign * float(cm[1].get(primary, float("-inf"))))
     history = (
         list(result.return_value.get("history", []))
@@ -148,7 +149,3 @@ def run_training(
     )
     (run_dir / COMPLETE_MARKER).write_text("done\n")
     return Path(checkpoint.path), metrics, history
-
-
-def _higher_is_better(metric: str) -> bool:
-    return not any(k in metric for k in ("loss", "brier", "ece", "mae", "rmse"))
