@@ -1,7 +1,8 @@
 """DVC stage `prepare`: raw data -> FlexiModal directory (`data.out_dir`), written atomically.
 
 `python -m pipelines.prepare [--params params.yaml]` reads only the `data` section:
-- source: physionet2012 (raw_dir, or env FUSEMOE_DATA_DIR; empty = download from PhysioNet),
+- source: physionet2012 (the verified raw files in download_dir, filled by the `download` stage
+  from a local mirror or PhysioNet),
   synthetic (synthetic.num_stays / synthetic.seed), or flexi (a user's FlexiModal directory in
   flexi_dir, validated and re-written with fresh train-only statistics; a missing `split`
   column is filled by the seeded stratified split).
@@ -12,7 +13,6 @@ Bad input prints one line `error: <file, record/row, column: problem>` and exits
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +29,7 @@ from fusemoe.data.flexi import (
     sha256_file,
     write_flexi,
 )
+from pipelines.download import DEFAULT_DIR as DOWNLOAD_DIR
 
 SOURCES = ("physionet2012", "synthetic", "flexi")
 
@@ -41,13 +42,10 @@ def prepare(data: dict, params_file: str = "params.yaml") -> dict:
     seed = int(data.get("seed", 0))
     threshold = float(data.get("los_threshold_days", 7))
     if source == "physionet2012":
-        from fusemoe.data.physionet2012 import download_physionet2012, read_physionet2012
+        from fusemoe.data.physionet2012 import read_physionet2012
 
-        raw_dir = os.environ.get("FUSEMOE_DATA_DIR") or data.get("raw_dir") or ""
-        if not raw_dir:
-            raw_dir = download_physionet2012(data.get("download_dir", "data/raw/physionet2012"))
         stays, events, manifest = read_physionet2012(
-            raw_dir,
+            data.get("download_dir") or DOWNLOAD_DIR,
             split=split,
             seed=seed,
             los_threshold_days=threshold,

@@ -32,7 +32,15 @@ def init_ray(ray_params: dict) -> None:
     address = os.environ.get("RAY_ADDRESS") or ray_params.get("address") or None
     # A busy 2-core laptop can take over a minute to register the local raylet (default 60 s).
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
-    env = {"env_vars": {"DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0"}}
+    # Ray Train's print patch sends each worker print both to stdout and to a logger that also
+    # writes to the console, so the driver showed every progress line twice; plain print: once.
+    env = {
+        "env_vars": {
+            "DVC_NO_ANALYTICS": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        }
+    }
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:

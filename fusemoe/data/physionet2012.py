@@ -186,6 +186,54 @@ def content_digest(files: list[tuple[str, bytes]]) -> str:
     return h.hexdigest()
 
 
+def _check_set(label: str | os.PathLike, s: str, digest: str) -> None:
+    if digest != CONTENT_DIGESTS.get(s):
+        raise FlexiModalError(
+            label,
+            f"content digest {digest[:16]}... does not match the published "
+            f"{CONTENT_DIGESTS.get(s, '?')[:16]}... (modified or incomplete copy; "
+            "set verify_digests: false to accept it)",
+        )
+
+
+def _check_outcomes(label: str | os.PathLike, s: str, data: bytes) -> None:
+    if s in OUTCOMES_SHA256 and hashlib.sha256(data).hexdigest() != OUTCOMES_SHA256[s]:
+        raise FlexiModalError(
+            label,
+            "SHA-256 does not match the published file (set verify_digests: false to accept it)",
+        )
+
+
+def raw_file_names(sets: tuple[str, ...] = SETS) -> list[str]:
+    """The files PhysioNet publishes for `sets`: set-X.tar.gz and Outcomes-X.txt."""
+    return [name for s in sets for name in (f"set-{s}.tar.gz", f"Outcomes-{s}.txt")]
+
+
+def verify_raw_dir(
+    raw_dir: str | os.PathLike, sets: tuple[str, ...] = SETS, where: str | None = None
+) -> None:
+    """Checks each set's content digest and Outcomes SHA-256 against the published values.
+
+    Cheaper than `read_physionet2012` (no parsing), so a copy can be checked before it is kept.
+    `where` (a URL or mirror path) names the files in the error instead of `raw_dir`.
+    """
+    raw = Path(raw_dir)
+    try:
+        for s in sets:
+            label, files = _set_files(raw, s)
+            _check_set(label, s, content_digest(files))
+            del files
+            outcomes = raw / f"Outcomes-{s}.txt"
+            if not outcomes.is_file():
+                raise FlexiModalError(outcomes, "file not found")
+            _check_outcomes(outcomes, s, outcomes.read_bytes())
+    except FlexiModalError as e:
+        if where is None:
+            raise
+        file, _, problem = str(e).replace(str(raw), where.rstrip("/"), 1).partition(": ")
+        raise FlexiModalError(file, problem) from None
+
+
 def _locate(label: str, names: list[str], starts: np.ndarray, row: int) -> dict:
     """FlexiModalError location of a global data row: file, record and 1-based file line."""
     f = int(np.searchsorted(starts, row, side="right") - 1)
@@ -374,11 +422,8 @@ def _read_outcomes(path: Path, verify: bool) -> pd.DataFrame:
     if not path.is_file():
         raise FlexiModalError(path, "file not found")
     data = path.read_bytes()
-    s = path.name[-5]
-    if verify and s in OUTCOMES_SHA256 and hashlib.sha256(data).hexdigest() != OUTCOMES_SHA256[s]:
-        raise FlexiModalError(
-            path, "SHA-256 does not match the published file (set verify_digests: false to accept)"
-        )
+    if verify:
+        _check_outcomes(path, path.name[-5], data)
     text = data.decode(errors="replace").splitlines()
     if not text or text[0].strip() != OUTCOMES_HEADER:
         raise FlexiModalError(path, f"header must be '{OUTCOMES_HEADER}'", line=1)
@@ -474,13 +519,8 @@ def read_physionet2012(
                     record=str(rid),
                 )
             id_set[int(rid)] = label
-        if verify and digest != CONTENT_DIGESTS.get(s):
-            raise FlexiModalError(
-                label,
-                f"content digest {digest[:16]}... does not match the published "
-                f"{CONTENT_DIGESTS.get(s, '?')[:16]}... (modified or incomplete copy; "
-                "set verify_digests: false to accept it)",
-            )
+        if verify:
+            _check_set(label, s, digest)
         outcomes_path = raw / f"Outcomes-{s}.txt"
         outcomes = _read_outcomes(outcomes_path, verify)
         hashes[f"set-{s}"] = digest
@@ -595,26 +635,30 @@ def _static_columns(stays: pd.DataFrame, desc: np.ndarray, cleaning: dict) -> pd
     return stays
 
 
-def download_physionet2012(
-    dest_dir: str | os.PathLike, sets: tuple[str, ...] = SETS, base_url: str = BASE_URL
-) -> Path:
-    """Fetch set-X.tar.gz and Outcomes-X.txt from PhysioNet (skipping files already there).
+class DownloadError(FlexiModalError):
+    """A raw file could not be fetched (network, HTTP status): the message names the URL."""
 
-    Each file is written to a .part name and renamed when complete. Contents are checked by
-    `read_physionet2012(verify=True)` afterwards (PhysioNet's tarball bytes differ from mirrors').
+
+def download_physionet2012(
+    dest_dir: str | os.PathLike, base_url: str = BASE_URL, sets: tuple[str, ...] = SETS
+) -> Path:
+    """Fetches `raw_file_names(sets)` from `base_url` into `dest_dir`, with a progress bar each.
+
+    Each file is written to a .part name and renamed when complete. The content is not checked
+    here: call `verify_raw_dir` (PhysioNet's tarball bytes differ from mirrors', their records
+    do not).
     """
     import requests
     from tqdm import tqdm
 
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    for s in sets:
-        for name in (f"set-{s}.tar.gz", f"Outcomes-{s}.txt"):
-            target = dest / name
-            if target.is_file():
-                continue
-            part = target.with_name(f".{name}.part")
-            with requests.get(base_url + name, stream=True, timeout=60) as r:
+    for name in raw_file_names(sets):
+        url = base_url.rstrip("/") + "/" + name
+        target = dest / name
+        part = target.with_name(f".{name}.part")
+        try:
+            with requests.get(url, stream=True, timeout=60) as r:
                 r.raise_for_status()
                 total = int(r.headers.get("content-length", 0)) or None
                 with (
@@ -624,5 +668,13 @@ def download_physionet2012(
                     for chunk in r.iter_content(chunk_size=1 << 16):
                         f.write(chunk)
                         bar.update(len(chunk))
-            os.replace(part, target)
+        except requests.HTTPError as e:
+            raise DownloadError(url, f"download failed (HTTP {e.response.status_code})") from None
+        except requests.Timeout:
+            raise DownloadError(url, "download failed (timed out)") from None
+        except requests.ConnectionError:
+            raise DownloadError(url, "download failed (cannot connect)") from None
+        except requests.RequestException as e:
+            raise DownloadError(url, f"download failed ({type(e).__name__})") from None
+        os.replace(part, target)
     return dest

@@ -31,11 +31,12 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
 
 
 def tiny_params(params: dict, tmp: Path) -> dict:
-    # raw_dir stays a (real, read-only) DVC dependency even for the synthetic source.
+    # The synthetic source needs no PhysioNet files: no mirror, and no network either.
     params["data"].update(
         source="synthetic",
         out_dir="data/processed",
-        raw_dir=str(REPO.parent / "shared/data/physionet2012"),
+        raw_dir="",
+        physionet_url="http://127.0.0.1:9/",
     )
     params["data"]["synthetic"] = {"num_stays": 400, "seed": 1}
     params["model"].update(
@@ -164,6 +165,12 @@ def test_train_uses_the_best_params_of_the_tune_stage(project):
     config = json.loads((work / "models/train/model_config.json").read_text())
     assert config["model"]["num_experts"] == best["model"]["num_experts"]
     assert config["model"]["top_k"] == best["model"]["top_k"]
+
+
+def test_each_epoch_progress_line_is_printed_once(project):
+    _, _, first = project
+    # train.epochs is 2 (tune trials run 1 epoch): the train stage's last epoch line, once.
+    assert first.count("epoch 2/2 loss") == 1, first[-6000:]
 
 
 def test_second_repro_is_fully_cached(project):

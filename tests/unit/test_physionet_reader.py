@@ -291,8 +291,8 @@ def test_prepare_exits_nonzero_with_one_line_error_and_writes_nothing(tmp_path):
     recs = good_records()
     recs[105] = record(105, "00:30,HR,abc\n")
     raw = make_raw(tmp_path / "raw", recs)
-    params = _params(tmp_path, source="physionet2012", raw_dir=str(raw), verify_digests=False)
-    env = {"PATH": "", "FUSEMOE_DATA_DIR": ""}
+    params = _params(tmp_path, source="physionet2012", download_dir=str(raw), verify_digests=False)
+    env = {"PATH": ""}
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.prepare", "--params", str(params)],
         cwd=REPO,
@@ -306,15 +306,15 @@ def test_prepare_exits_nonzero_with_one_line_error_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "raw"]
 
 
-def test_prepare_builds_physionet_layout_and_env_var_overrides_raw_dir(
-    tmp_path, monkeypatch, capsys
-):
+def test_prepare_builds_physionet_layout_from_the_download_dir_only(tmp_path, monkeypatch, capsys):
     raw = make_raw(tmp_path / "raw", good_records(), deaths={100: 1, 105: 1, 106: 1})
-    monkeypatch.setenv("FUSEMOE_DATA_DIR", str(raw))
+    # The mirror settings are the download stage's: prepare reads the (DVC-tracked) copy alone.
+    monkeypatch.setenv("FUSEMOE_DATA_DIR", "/does/not/exist")
     params = _params(
         tmp_path,
         source="physionet2012",
         raw_dir="/does/not/exist",
+        download_dir=str(raw),
         verify_digests=False,
         split=[0.6, 0.2, 0.2],
         seed=1,
