@@ -7,8 +7,7 @@ STAMP := $(VENV)/.installed
 # A machine with a local CPU torch wheel (/opt/wheels) uses it; elsewhere the PyTorch CPU index.
 # Either way torch never resolves to a multi-GB CUDA build on a CPU machine.
 TORCH_SOURCE := $(if $(wildcard /opt/wheels/torch-2.13.0*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
-# Stage commands (`python -m pipelines.<stage>`) run with the project's venv first on PATH.
-export PATH := $(CURDIR)/$(BIN):$(PATH)
+# Stage commands run bin/py, which finds .venv itself: no PATH change needed.
 export DVC_NO_ANALYTICS := 1
 export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0

@@ -24,8 +24,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusemoe.data.physionet2012 import raw_file_names
-
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +31,9 @@ BIN = Path(sys.executable).parent
 REAL = Path(os.environ.get("FUSEMOE_DATA_DIR") or REPO.parent / "shared/data/physionet2012")
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} not present")
 UP_TO_DATE = "Data and pipelines are up to date."
+RAW_FILES = sorted(
+    f"{kind}-{s}{ext}" for s in "abc" for kind, ext in (("set", ".tar.gz"), ("Outcomes", ".txt"))
+)
 
 
 def make_project(work: Path, **data) -> tuple[Path, dict]:
@@ -128,8 +129,8 @@ def test_download_stage_fetches_the_physionet_files_over_http_and_verifies_them(
     assert f"fetching {url}" in out and "content digests verified" in out, out
     assert "set-a.tar.gz" in proc.stderr  # the progress bars
     got = work / "data/raw/physionet2012"
-    assert sorted(p.name for p in got.iterdir()) == sorted(raw_file_names())
-    for name in raw_file_names():
+    assert sorted(p.name for p in got.iterdir()) == RAW_FILES
+    for name in RAW_FILES:
         assert (got / name).read_bytes() == (REAL / name).read_bytes(), name
     lock = yaml.safe_load((work / "dvc.lock").read_text())
     assert lock["stages"]["download"]["outs"][0]["path"] == "data/raw/physionet2012"
@@ -167,7 +168,7 @@ def test_a_corrupted_file_served_is_a_digest_error_and_nothing_is_written(tmp_pa
     served = tmp_path / "served"
     served.mkdir()
     expected = corrupt(served)
-    for name in raw_file_names():
+    for name in RAW_FILES:
         if not (served / name).exists():
             (served / name).symlink_to(REAL / name)
     with serve(served) as url:
@@ -201,7 +202,7 @@ def test_a_local_mirror_is_copied_instead_of_the_network(tmp_path):
     out = dvc(work, env, "repro", "download").stdout
     assert f"from the local mirror {REAL}" in out and "content digests verified" in out
     got = work / "data/raw/physionet2012"
-    assert sorted(p.name for p in got.iterdir()) == sorted(raw_file_names())
+    assert sorted(p.name for p in got.iterdir()) == RAW_FILES
     # FUSEMOE_DATA_DIR names the mirror instead of data.raw_dir (here: none, i.e. download)
     set_data(work, raw_dir="")
     out = dvc(work, {**env, "FUSEMOE_DATA_DIR": str(REAL)}, "repro", "download").stdout
@@ -277,9 +278,10 @@ def test_untracked_python_caches_and_editor_files_do_not_change_stage_hashes(syn
             path.unlink()
 
 
-def test_stage_commands_use_the_project_python_without_the_venv_on_path(
+def test_readme_dvc_commands_run_the_project_python_without_the_venv_on_path(
     synthetic_project, tmp_path
 ):
+    """`.venv/bin/dvc repro` and `dvc exp run -S` with a decoy `python` first on PATH."""
     work, env, _ = synthetic_project
     decoy = tmp_path / "decoy"
     decoy.mkdir()
@@ -289,16 +291,17 @@ def test_stage_commands_use_the_project_python_without_the_venv_on_path(
     venv = work / ".venv"
     venv.symlink_to(BIN.parent)  # as `make install` leaves it
     try:
-        proc = subprocess.run(
-            [".venv/bin/dvc", "repro", "-f", "prepare"],
-            cwd=work,
-            env={**env, "PATH": f"{decoy}:/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        for cmd in (["repro", "-f", "prepare"], ["exp", "run", "-S", "data.seed=1", "prepare"]):
+            proc = subprocess.run(
+                [".venv/bin/dvc", *cmd],
+                cwd=work,
+                env={**env, "PATH": f"{decoy}:/usr/bin:/bin"},
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert proc.returncode == 0, (cmd, proc.stdout[-2000:] + proc.stderr[-2000:])
+            assert "decoy python" not in proc.stderr, cmd
+            assert "Running stage 'prepare'" in proc.stdout, cmd
     finally:
         venv.unlink()
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "decoy python" not in proc.stderr
-    assert "Running stage 'prepare'" in proc.stdout
