@@ -384,3 +384,25 @@ def test_real_records_parse_with_expected_descriptors_and_values(tmp_path):
     hr = [e for e in _events_of(events, "132539") if e[1] == "HR"]
     assert hr[:2] == [("vitals", "HR", 0.117, 73.0), ("vitals", "HR", 0.617, 77.0)]
     assert manifest["cleaning"]["stays_without_series_ids"] == ["140501"]
+
+
+# ----------------------------------------------------------------------------- download stage
+
+
+def test_download_copies_a_mirror_only_when_its_digests_match(tmp_path, monkeypatch):
+    from pipelines.download import fetch
+
+    monkeypatch.delenv("FUSEMOE_DATA_DIR", raising=False)
+    mirror = tmp_path / "mirror"
+    for i, s in enumerate("abc"):  # extracted set-X/ folders, not the published records
+        make_raw(mirror, {300 + i: record(300 + i, "00:30,HR,70\n")}, tar=False, s=s)
+    dest = tmp_path / "raw" / "p12"
+    data = {"source": "physionet2012", "raw_dir": str(mirror), "download_dir": str(dest)}
+    with pytest.raises(FlexiModalError, match=f"{mirror}/set-a: content digest"):
+        fetch(data)
+    assert list((tmp_path / "raw").iterdir()) == []  # nothing kept, no temp dir left
+    assert "(digests not checked)" in fetch({**data, "verify_digests": False})
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        [f"set-{s}" for s in "abc"] + [f"Outcomes-{s}.txt" for s in "abc"]
+    )
+    assert (dest / "set-b" / "301.txt").read_text() == (mirror / "set-b" / "301.txt").read_text()
