@@ -62,42 +62,46 @@ def copy_mirror(mirror: Path, dest: Path, sets: tuple[str, ...] = SETS) -> None:
         shutil.copyfile(outcomes, dest / outcomes.name)
 
 
+def fill(data: dict, dest: Path) -> str:
+    """Puts the P12 files in `dest` from a mirror or the URL; returns where they came from."""
+    mirror = local_mirror(data)
+    if mirror is not None:
+        print(f"download: copying the PhysioNet 2012 files from the local mirror {mirror}")
+        copy_mirror(mirror, dest)
+        return str(mirror)
+    url = str(data.get("physionet_url") or BASE_URL)
+    raw_dir = data.get("raw_dir") or "(data.raw_dir empty)"
+    print(f"download: no local mirror at {raw_dir}; fetching {url}")
+    try:
+        download_physionet2012(dest, url)
+    except DownloadError as e:
+        raise DownloadError(
+            str(e),
+            f"no local mirror at {raw_dir}: set data.raw_dir or {MIRROR_ENV} to a directory "
+            "with set-{a,b,c}.tar.gz and Outcomes-{a,b,c}.txt, "
+            "or data.physionet_url to a reachable copy",
+        ) from None
+    return url
+
+
 def fetch(data: dict) -> str:
-    """Fills `data.download_dir` for `data.source`; returns a one-line summary."""
+    """Fills `data.download_dir` for `data.source`, all or nothing; returns a one-line summary."""
     dest = Path(data.get("download_dir") or DEFAULT_DIR)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
         source = data.get("source", "physionet2012")
-        if source != "physionet2012":
-            (tmp / NOTE).write_text(
-                f"data.source is {source}: the PhysioNet 2012 files are not used.\n"
-            )
-            summary = f"download: data.source is {source}, nothing to fetch"
-        else:
-            mirror = local_mirror(data)
-            url = str(data.get("physionet_url") or BASE_URL)
-            if mirror is not None:
-                print(f"download: copying the PhysioNet 2012 files from the local mirror {mirror}")
-                copy_mirror(mirror, tmp)
-                where = str(mirror)
-            else:
-                print(f"download: no local mirror (data.raw_dir, {MIRROR_ENV}); fetching {url}")
-                try:
-                    download_physionet2012(tmp, url)
-                except DownloadError as e:
-                    raise DownloadError(
-                        str(e),
-                        f"no local mirror either: set data.raw_dir or {MIRROR_ENV} to a directory "
-                        "with set-{a,b,c}.tar.gz and Outcomes-{a,b,c}.txt, "
-                        "or data.physionet_url to a reachable copy",
-                    ) from None
-                where = url
+        if source == "physionet2012":
+            where = fill(data, tmp)
             verified = bool(data.get("verify_digests", True))
             if verified:
                 verify_raw_dir(tmp, where=where)
             check = "content digests verified" if verified else "digests not checked"
             summary = f"download: PhysioNet 2012 from {where} -> {dest} ({check})"
+        else:
+            note = f"data.source is {source}: the PhysioNet 2012 files are not used.\n"
+            (tmp / NOTE).write_text(note)
+            summary = f"download: data.source is {source}, nothing to fetch"
         replace_dir(tmp, dest)
         return summary
     finally:
