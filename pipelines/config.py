@@ -168,6 +168,18 @@ class TrainConfig(Section):
     run_name: str = "fusemoe"
     checkpoint_dir: str = "runs/train"
 
+    @model_validator(mode="after")
+    def _primary_is_reported(self) -> TrainConfig:
+        # The loop reports val_<metric>_<task> per trained task; any other key never appears, and
+        # checkpoint scoring and the search would find nothing to compare.
+        m = self.primary_metric
+        if not (m.startswith("val_") and any(m.endswith(f"_{t}") for t in self.tasks)):
+            raise ValueError(
+                f"train.primary_metric = {_show(m)}: expected a validation metric of a trained "
+                f"task, val_<metric>_<task> with <task> in train.tasks {self.tasks}"
+            )
+        return self
+
 
 # ---------------------------------------------------------------- deepspeed
 

@@ -118,6 +118,19 @@ def test_ranges_and_cross_field_rules(section, key, value, line):
     assert error_of(with_value(section, key, value)).startswith(line)
 
 
+@pytest.mark.parametrize("metric", ["val_mae_los_days", "val_loss", "eval_val_auroc_ihm"])
+def test_primary_metric_must_be_one_the_training_loop_reports(metric):
+    # tasks [ihm]: the loop reports val_<metric>_ihm only; nothing else could be compared.
+    line = error_of(with_value("train", "primary_metric", metric))
+    assert line.startswith(f'train.primary_metric = "{metric}": expected a validation metric')
+
+
+def test_lower_is_better_primary_metric_of_a_trained_task_is_accepted():
+    params = with_value("train", "primary_metric", "val_mae_los_days")
+    params["train"]["tasks"] = ["ihm", "los_days"]
+    assert validate(params)["train"]["primary_metric"] == "val_mae_los_days"
+
+
 def test_numbers_yaml_reads_as_text_are_numbers_and_ints_are_fine_for_floats(tmp_path):
     # PyYAML (YAML 1.1) reads 1e-3 as the string "1e-3"; a user means a number.
     path = tmp_path / "params.yaml"
