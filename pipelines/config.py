@@ -74,9 +74,9 @@ Fraction = Annotated[Float, Field(ge=0, le=1)]
 
 
 class Section(BaseModel):
-    """Strict types, no unknown keys."""
+    """Strict types, no unknown keys, no NaN or infinity."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 def _known_metric(metric: str) -> str:
@@ -345,6 +345,7 @@ _EXPECTED = {
     "dict_type": "expected a mapping",
     "model_type": "expected a mapping",
     "missing": "missing (required)",
+    "finite_number": "expected a finite number",
 }
 _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 

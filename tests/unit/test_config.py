@@ -40,6 +40,15 @@ def test_shipped_params_yaml_loads_every_section_with_its_values():
     assert params["tune"]["lr"] == {"low": 0.0003, "high": 0.003, "log": True}
 
 
+def test_model_section_has_exactly_the_model_configs_fields():
+    from dataclasses import fields
+
+    from fusemoe.nn.model import FuseMoEConfig
+    from pipelines.config import ModelConfig
+
+    assert list(ModelConfig.model_fields) == [f.name for f in fields(FuseMoEConfig)]
+
+
 def test_absent_keys_get_the_schema_defaults():
     params = validate({"model": {"num_experts": 4, "top_k": 2}, "deepspeed": {}})
     assert params["model"]["gate"] == "laplace" and params["model"]["experts_backend"] == "auto"
@@ -69,6 +78,7 @@ def test_absent_keys_get_the_schema_defaults():
         ("mlflow", "system_metrics", "yes", 'mlflow.system_metrics = "yes": expected true or false'),
         ("registry", "max_ece", 2, "registry.max_ece = 2: expected <= 1"),
         ("registry", "min_improvement", "0.01x", 'registry.min_improvement = "0.01x": expected a number'),
+        ("tune", "entropy_weight", {"low": 0.0, "high": float("nan")}, "tune.entropy_weight.high = NaN: expected a finite number"),
     ],
 )  # fmt: skip
 def test_wrong_type_or_value_names_section_key_value_and_expectation(section, key, value, line):
