@@ -302,6 +302,7 @@ def validate(raw: Any) -> dict[str, dict]:
     """Every section of ``raw`` checked and completed with defaults; raises ConfigError."""
     if not isinstance(raw, dict):
         raise ConfigError(f"expected a mapping of sections, got {_show(raw)}")
+    raw = {k: {} if v is None else v for k, v in raw.items()}  # `registry:` alone = defaults
     try:
         params = Params.model_validate(raw)
     except ValidationError as e:

@@ -57,6 +57,7 @@ def test_absent_keys_get_the_schema_defaults():
         "torch_adam": True, "gradient_accumulation_steps": 1,
     }  # fmt: skip
     assert set(params) == {"model", "deepspeed"}  # sections not in the file are not invented
+    assert validate({"registry": None})["registry"]["model_name"] == "fusemoe-ihm"  # `registry:`
 
 
 @pytest.mark.parametrize(
