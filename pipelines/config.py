@@ -231,12 +231,12 @@ class Range(Section):
         return self
 
 
-def _knob(item: type) -> Any:
-    """A searched knob: a list is a categorical choice, {low, high, log} a range."""
-    return Annotated[
-        Annotated[list[item], Tag("<list>")] | Annotated[Range, Tag("<range>")],
-        Discriminator(lambda v: "<range>" if isinstance(v, dict | Range) else "<list>"),
-    ]
+# A searched number: a list is a categorical choice, {low, high, log} a range. The tags name the
+# branch so an error reports only the one the value was meant for (they are left out of its key).
+Knob = Annotated[
+    Annotated[list[Float], Tag("<list>")] | Annotated[Range, Tag("<range>")],
+    Discriminator(lambda v: "<range>" if isinstance(v, dict | Range) else "<list>"),
+]
 
 
 class TuneConfig(Section):
@@ -254,9 +254,9 @@ class TuneConfig(Section):
     seed: int = 0
     num_experts: Annotated[list[PositiveInt], Field(min_length=1)] = [4, 8, 16]
     top_k: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 4]
-    entropy_weight: _knob(Float) = [0.01]
+    entropy_weight: Knob = [0.01]
     gate: Annotated[list[str], Field(min_length=1)] = ["softmax", "laplace", "gaussian"]
-    lr: _knob(Float) = [1e-3]
+    lr: Knob = [1e-3]
 
     @model_validator(mode="after")
     def _space_rules(self) -> TuneConfig:
