@@ -6,6 +6,8 @@ the same way. Thresholds are always chosen on validation and applied unchanged t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from sklearn.metrics import (
     average_precision_score,
@@ -151,3 +153,13 @@ def is_better(candidate: float, reference: float, metric: str, margin: float = 0
     if higher_is_better(metric):
         return candidate > reference + margin
     return candidate < reference - margin
+
+
+def best_index(scores: Sequence[float | None], metric: str) -> int:
+    """Position of the best of ``scores`` on ``metric`` (the first on a tie), for choosing an
+    epoch, a checkpoint or a trial. A missing or NaN score never wins; none at all is an error."""
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    scored = [(sign * float(s), -i) for i, s in enumerate(scores) if s is not None and s == s]
+    if not scored:
+        raise ValueError(f"no {metric} among {len(scores)} score(s) to choose the best from")
+    return -max(scored)[1]

@@ -31,20 +31,22 @@ def stage_args(description: str) -> argparse.Namespace:
 
 
 def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The requested sections of params.yaml, with a clear error when one is missing."""
-    path = Path(path)
-    if not path.is_file():
-        sys.exit(f"error: {path}: params file not found")
-    params = yaml.safe_load(path.read_text()) or {}
-    missing = [s for s in sections if s not in params]
-    if missing:
-        sys.exit(f"error: {path}: missing section(s) {missing}")
-    return {s: params[s] for s in sections} if sections else params
+    """The requested sections of params.yaml, validated against pipelines.config's schema and
+    completed with its defaults; a bad file exits with one line naming section, key and value."""
+    from pipelines.config import ConfigError, load
+
+    try:
+        return load(path, sections)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
 
 def apply_best_params(params: dict[str, Any], path: str | Path = BEST_PARAMS) -> dict[str, Any]:
     """``params`` with the tune stage's best values laid over ``model`` / ``train`` when
-    ``train.use_best_params`` is on (otherwise ``params`` unchanged)."""
+    ``train.use_best_params`` is on (otherwise ``params`` unchanged); the result is validated
+    like params.yaml, and an error names ``path``."""
+    from pipelines.config import ConfigError, validate
+
     if not params["train"].get("use_best_params", False):
         return params
     path = Path(path)
@@ -60,11 +62,11 @@ def apply_best_params(params: dict[str, Any], path: str | Path = BEST_PARAMS) ->
     for section, values in best.items():
         if not isinstance(values, dict):
             sys.exit(f"error: {path}: section '{section}' must be a mapping, got {values!r}")
-        unknown = sorted(set(values) - set(params[section]))
-        if unknown:
-            sys.exit(f"error: {path}: {section}.{unknown[0]} is not a params.yaml {section} key")
         merged[section] = {**params[section], **values}
-    return merged
+    try:
+        return merged | validate({s: merged[s] for s in best})
+    except ConfigError as e:
+        sys.exit(f"error: {path}: {e}")
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from fusemoe.data.flexi import (
     EVENTS_FILE,
     STAYS_FILE,
@@ -29,9 +27,10 @@ from fusemoe.data.flexi import (
     sha256_file,
     write_flexi,
 )
+from pipelines import config
 from pipelines.download import DEFAULT_DIR as DOWNLOAD_DIR
 
-SOURCES = ("physionet2012", "synthetic", "flexi")
+SOURCES = config.DATA_SOURCES
 
 
 def prepare(data: dict, params_file: str = "params.yaml") -> dict:
@@ -110,17 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     args = parser.parse_args(argv)
-    path = Path(args.params)
-    if not path.is_file():
-        print(f"error: {path}: params file not found", file=sys.stderr)
-        return 1
-    data = (yaml.safe_load(path.read_text()) or {}).get("data")
-    if not isinstance(data, dict):
-        print(f"error: {path}: missing 'data' section", file=sys.stderr)
+    try:
+        data = config.load(args.params, ("data",))["data"]
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     start = time.perf_counter()
     try:
-        manifest = prepare(data, str(path))
+        manifest = prepare(data, args.params)
     except FlexiModalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

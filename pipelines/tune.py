@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from fusemoe.metrics import metric_mode
 from pipelines.common import (
     BEST_PARAMS,
     config_hash,
@@ -148,6 +149,7 @@ def run_stage(
         "wall_s": result.wall_s,
         **result.counts,
         "metric": metric,
+        "mode": metric_mode(metric),  # best = the trial with the max / min of the metric
         "best_val_metric": best["best_metric"],
         "best_epoch": best["best_epoch"],
         "best_trial_id": best["trial_id"],

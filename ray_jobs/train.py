@@ -17,7 +17,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from fusemoe import train as fusemoe_train
-from fusemoe.metrics import higher_is_better, metric_mode
+from fusemoe.metrics import best_index, metric_mode
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -88,6 +88,13 @@ def _worker(config: dict, train_fn: TrainFn = fusemoe_train.train) -> dict:
             mlflow.end_run()
 
 
+def best_checkpoint(
+    checkpoints: list[tuple[Checkpoint, dict]], metric: str
+) -> tuple[Checkpoint, dict]:
+    """The kept (checkpoint, metrics) pair that is best on ``metric``, in its direction."""
+    return checkpoints[best_index([m.get(metric) for _, m in checkpoints], metric)]
+
+
 def run_training(
     params: dict,
     data_dir: Path,
@@ -145,11 +152,9 @@ def run_training(
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    best = result.best_checkpoints or []
-    if not best:
+    if not result.best_checkpoints:
         raise RuntimeError(f"Ray run {run_name} finished without a checkpoint in {run_dir}")
-    sign = 1 if higher_is_better(primary) else -1
-    checkpoint, metrics = max(best, key=lambda cm: sign * float(cm[1].get(primary, float("-inf"))))
+    checkpoint, metrics = best_checkpoint(result.best_checkpoints, primary)
     history = (
         list(result.return_value.get("history", []))
         if isinstance(result.return_value, dict)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusemoe.metrics import best_index, metric_mode
 from fusemoe.nn.gates import GATE_TYPES
 
 COMPLETE_MARKER = "COMPLETE"
@@ -335,8 +336,6 @@ def run_search(
     import time
 
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from ray_jobs.train import init_ray
 
@@ -371,25 +370,7 @@ def run_search(
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(tp),
-            tune_config=tune.TuneConfig(
-                metric=metric,
-                mode="max",
-                search_alg=OptunaSearch(
-                    seed=int(tp.get("seed", 0)), points_to_evaluate=[start] if start else None
-                ),
-                scheduler=ASHAScheduler(
-                    time_attr="training_iteration",
-                    max_t=max_epochs,
-                    grace_period=min(int(tp.get("grace_period", 1)), max_epochs),
-                    reduction_factor=float(tp.get("reduction_factor", 2)),
-                ),
-                num_samples=int(tp["num_samples"]),
-                max_concurrent_trials=int(tp.get("max_concurrent_trials", 1)),
-                trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
-                # A fresh process per trial: a wrapped function trainable cannot be reset for reuse
-                # in Ray 2.60 (every other trial errors), and no DeepSpeed state leaks between trials.
-                reuse_actors=False,
-            ),
+            tune_config=tune_config(tp, metric, start),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(path.parent),
@@ -409,7 +390,7 @@ def run_search(
     ok = [r for r in rows if r["status"] != "failed"]
     if not ok:
         raise RuntimeError(f"every trial of search {name} failed; first error: {rows[0]['error']}")
-    best = max(ok, key=lambda r: r["best_metric"])
+    best = best_trial(ok, metric)
     counts = {
         "trials": len(rows),
         "completed": sum(r["status"] == "completed" for r in rows),
@@ -418,6 +399,34 @@ def run_search(
     }
     (path / COMPLETE_MARKER).write_text("done\n")
     return SearchResult(trials=rows, best=best, wall_s=wall, experiment_dir=path, counts=counts)
+
+
+def tune_config(tp: dict, metric: str, start: dict | None):
+    """The search's TuneConfig: Optuna proposes, ASHA stops, both in ``metric``'s direction."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    max_epochs = int(tp["max_epochs"])
+    return tune.TuneConfig(
+        metric=metric,
+        mode=metric_mode(metric),  # the searcher and the scheduler take the direction from here
+        search_alg=OptunaSearch(
+            seed=int(tp.get("seed", 0)), points_to_evaluate=[start] if start else None
+        ),
+        scheduler=ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_epochs,
+            grace_period=min(int(tp.get("grace_period", 1)), max_epochs),
+            reduction_factor=float(tp.get("reduction_factor", 2)),
+        ),
+        num_samples=int(tp["num_samples"]),
+        max_concurrent_trials=int(tp.get("max_concurrent_trials", 1)),
+        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+        # A fresh process per trial: a wrapped function trainable cannot be reset for reuse
+        # in Ray 2.60 (every other trial errors), and no DeepSpeed state leaks between trials.
+        reuse_actors=False,
+    )
 
 
 def _check_capacity(cpus: float) -> None:
@@ -441,12 +450,18 @@ def _trial_row(result, metric: str, max_epochs: int) -> dict[str, Any]:
         status = "failed"
     else:
         status = "completed" if epochs >= max_epochs else "stopped_early"
+    best = best_index(df[metric].tolist(), metric) if has_metric else None
     return {
         "trial_id": (result.metrics or {}).get("trial_id", Path(result.path).name),
         **{k: result.config[k] for k in (*MODEL_KNOBS, *TRAIN_KNOBS)},
         "status": status,
         "epochs": epochs,
-        "best_metric": float(df[metric].max()) if has_metric else float("nan"),
-        "best_epoch": int(df.loc[df[metric].idxmax(), "training_iteration"]) if has_metric else 0,
+        "best_metric": float(df[metric].iloc[best]) if has_metric else float("nan"),
+        "best_epoch": int(df["training_iteration"].iloc[best]) if has_metric else 0,
         "error": None if result.error is None else str(result.error)[:500],
     }
+
+
+def best_trial(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The trial row whose best epoch is best on ``metric``, in the metric's direction."""
+    return rows[best_index([r["best_metric"] for r in rows], metric)]

@@ -1,8 +1,9 @@
 """The tune stage on real Ray Tune, Optuna, ASHA and MLflow (SQLite), with tiny synthetic data.
 
 One search of 2 trials is interrupted after its first trial (SIGUSR1, Tune's graceful stop) and
-run again, which must resume it; the tests then check what that search left behind. One Ray
-session serves the module (its start-up dominates the run time on 2 cores).
+run again, which must resume it; the tests then check what that search left behind. A second
+2-trial search minimises a lower-is-better metric (val_mae_los_days). One Ray session serves the
+module (its start-up dominates the run time on 2 cores).
 """
 
 from __future__ import annotations
@@ -91,6 +92,22 @@ def search(tmp_path_factory):
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def mae_search(search):
+    """A second search in the same Ray session whose primary metric is lower-is-better."""
+    tmp = search["tmp"] / "mae"
+    params = tiny_params(tmp, search["tmp"] / "data")
+    params["train"].update(tasks=["los_days"], primary_metric="val_mae_los_days")
+    # The same tracking store (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which
+    # pipelines.common.tracking_uri prefers), another experiment.
+    params["mlflow"].update(search["params"]["mlflow"], experiment="tune-it-mae")
+    from pipelines.tune import run_stage
+
+    out = {"best": tmp / "best_params.yaml", "metrics": tmp / "tune.json"}
+    summary = run_stage(params, out["best"], out["metrics"])
+    return {"tmp": tmp, "params": params, "summary": summary, **out}
+
+
 def child_runs(search) -> tuple:
     import mlflow
 
@@ -132,6 +149,26 @@ def test_best_trial_is_the_argmax_of_the_validation_metric(search):
     best = yaml.safe_load(search["best"].read_text())
     assert int(best_child.data.params["num_experts"]) == best["model"]["num_experts"]
     assert best_child.data.params["gate"] == best["model"]["gate"]
+
+
+def test_lower_is_better_search_keeps_the_trial_with_the_lowest_error(mae_search):
+    client, _, children = child_runs(mae_search)
+    scores = {
+        run.data.tags["ray_trial_id"]: min(
+            m.value for m in client.get_metric_history(run.info.run_id, "val_mae_los_days")
+        )
+        for run in children
+    }
+    assert len(scores) == NUM_SAMPLES and len(set(scores.values())) == NUM_SAMPLES  # can tell
+    best_id = min(scores, key=scores.get)
+    summary = json.loads(mae_search["metrics"].read_text())
+    assert (summary["metric"], summary["mode"]) == ("val_mae_los_days", "min")
+    assert summary["best_trial_id"] == best_id
+    assert summary["best_val_metric"] == pytest.approx(scores[best_id])
+    best_child = next(r for r in children if r.data.tags["ray_trial_id"] == best_id)
+    best = yaml.safe_load(mae_search["best"].read_text())
+    assert int(best_child.data.params["num_experts"]) == best["model"]["num_experts"]
+    assert float(best_child.data.params["lr"]) == pytest.approx(best["train"]["lr"])
 
 
 def test_mlflow_has_a_parent_run_with_one_child_per_trial(search):

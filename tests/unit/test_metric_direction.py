@@ -1,6 +1,6 @@
 import pytest
 
-from fusemoe.metrics import higher_is_better, is_better, metric_mode
+from fusemoe.metrics import best_index, higher_is_better, is_better, metric_mode
 
 
 @pytest.mark.parametrize(
@@ -32,3 +32,22 @@ def test_is_better_respects_direction_and_margin():
     assert is_better(1.0, 2.0, "val_mae_los_days") and not is_better(2.0, 1.0, "val_mae_los_days")
     assert not is_better(0.805, 0.8, "val_auroc_ihm", margin=0.01)
     assert not is_better(1.995, 2.0, "val_mae_los_days", margin=0.01)
+
+
+def test_best_index_takes_the_lowest_error_and_the_highest_score():
+    assert best_index([3.0, 1.5, 2.0], "val_mae_los_days") == 1
+    assert best_index([0.7, 0.9, 0.8], "val_auroc_ihm") == 1
+
+
+@pytest.mark.parametrize("metric", ["val_mae_los_days", "val_auroc_ihm"])
+def test_a_missing_or_nan_score_never_wins(metric):
+    assert best_index([None, 2.0, float("nan")], metric) == 1
+
+
+def test_best_index_breaks_ties_by_the_first():
+    assert best_index([2.0, 1.0, 1.0], "val_mae_los_days") == 1
+
+
+def test_best_index_without_any_score_names_the_metric():
+    with pytest.raises(ValueError, match="no val_mae_los_days among 2"):
+        best_index([None, float("nan")], "val_mae_los_days")
