@@ -34,6 +34,7 @@ from fusemoe.data.flexi import load_manifest  # noqa: E402
 from fusemoe.metrics import binary_metrics  # noqa: E402
 from fusemoe.nn.losses import entropy, task_loss  # noqa: E402
 from fusemoe.nn.moe import BALANCE_SCOPES, MoELayer  # noqa: E402
+from fusemoe.nn.mtand import EXACT_MASS, MTANDEncoder  # noqa: E402
 from fusemoe.train import build_model, select_tasks, set_seed  # noqa: E402
 
 TASK = "ihm"
@@ -103,7 +104,18 @@ def routing_stats(model: torch.nn.Module, data: Path, args) -> dict:
 
         return record
 
+    exact = torch.zeros(2)  # mTAND (value, variable) entries: recomputed exactly, observed
+
+    def count_exact(module, inputs, _out):
+        _, density = module.interpolate(*inputs)
+        observed = (inputs[1].sum(1) > 0)[:, None, None, :].expand_as(density)
+        exact[0] += (observed & (density < EXACT_MASS)).sum()
+        exact[1] += observed.sum()
+
     handles = [g.register_forward_hook(hook(i)) for i, g in enumerate(moe.gates)]
+    handles += [
+        m.register_forward_hook(count_exact) for m in model.modules() if isinstance(m, MTANDEncoder)
+    ]
     ds = FlexiModalDataset(data, "val", tasks=[TASK], max_stays=args.val_stays)
     model.eval()
     y, p = [], []
@@ -137,6 +149,7 @@ def routing_stats(model: torch.nn.Module, data: Path, args) -> dict:
         "balance_pooled_vs_uniform": round(float(pooled), 4),
         "entropy_reg": round(float(ent), 4),
         "entropy_reg_floor": round(-math.log(m_count), 4),
+        "mtand_exact_path_share": float(exact[0] / exact[1]),
     }
 
 
