@@ -36,6 +36,7 @@ from fusemoe.nn.losses import entropy, task_loss  # noqa: E402
 from fusemoe.nn.moe import BALANCE_SCOPES, MoELayer  # noqa: E402
 from fusemoe.nn.mtand import EXACT_MASS, MTANDEncoder  # noqa: E402
 from fusemoe.train import build_model, select_tasks, set_seed  # noqa: E402
+from pipelines.common import BEST_PARAMS, apply_best_params  # noqa: E402
 
 TASK = "ihm"
 
@@ -178,11 +179,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
+        "--best-params",
+        action="store_true",
+        help="lay best_params.yaml over params.yaml as the train stage does (the committed run)",
+    )
+    ap.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "routing_balance.json"
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     params = yaml.safe_load(args.params.read_text())
+    if args.best_params:
+        params = apply_best_params(params, ROOT / BEST_PARAMS)
     manifest = load_manifest(args.data)
     model_params = {**params["model"], "router": "per_modality"}
     runs: dict[str, list[dict]] = {scope: [] for scope in BALANCE_SCOPES}
