@@ -19,8 +19,11 @@ work: it asks each modality for its own confident subset of the shared experts, 
 balance asks only that those subsets cover the experts evenly, so both can be at their optimum
 at once. ``balance_scope: router`` (the former term) balances each router over *all* experts,
 which is exactly what the entropy term pushes against: with M modalities on disjoint subsets it
-costs M times the uniform value, and training settles on a compromise (P12: each modality on ~4
-of 8 experts, balance ~2x uniform). See benchmarks/routing_balance.py.
+costs M times the uniform value. On P12 (benchmarks/routing_balance.py) one of the two loses:
+with Gaussian top-4 routers (the committed run) modalities specialise anyway and the per-router
+term sits at ~2x uniform all training, pulling against it; with Laplace top-2 it wins
+and modalities hardly specialise (entropy term -0.06 of its -log 4 floor; pooled: -0.93, with
+the shared experts still evenly used).
 
 The pooled term weights modalities by their token counts (it measures load); the entropy term
 weights them equally (a uniform prior over modalities). They agree when modalities have equal
