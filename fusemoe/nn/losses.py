@@ -3,8 +3,13 @@
 Load balance (Switch Transformer style, Fedus et al. 2021): ``E * sum_e f_e * P_e`` with ``f_e``
 the fraction of the router's token-expert assignments (all K slots) that went to expert e and
 ``P_e`` the mean router probability of e. It equals 1 under perfectly uniform routing and grows as
-routing concentrates; only ``P_e`` carries gradient (``f_e`` is a count). We prefer it to the
-importance CV^2 because it is scale-free in E and K and is what DeepSpeed/Switch report.
+routing concentrates; only ``P_e`` carries gradient (``f_e`` is a count). 1 is not a lower
+bound: with top-K > 1 the K slots spread ``f`` more evenly than ``P``, so values under 1 occur.
+We prefer it to the importance CV^2 because it is scale-free in E and K and is what
+DeepSpeed/Switch report.
+The MoE layer applies it to all tokens an expert set receives, pooled over the routers that share
+it (``fusemoe.nn.moe``): balancing each per-modality router on its own would fight the entropy
+regularizer below.
 
 Entropy regularizer (FuseMoE, arXiv 2402.03226, per-modality routers):
 ``L_ent = (1/M) sum_j H(p_j) - H((1/M) sum_j p_j)``.

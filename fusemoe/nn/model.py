@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusemoe.nn.gates import GATE_TYPES, ConfidenceGate
-from fusemoe.nn.moe import ROUTER_TYPES, DenseFFN, MoELayer, MoEOutput
+from fusemoe.nn.moe import BALANCE_SCOPES, ROUTER_TYPES, DenseFFN, MoELayer, MoEOutput
 from fusemoe.nn.mtand import ModalityTokens, MTANDEncoder, StaticEncoder, series_present
 
 
@@ -48,6 +48,10 @@ class FuseMoEConfig:
     dropout: float = 0.1
     load_balance_weight: float = 0.01
     entropy_weight: float = 0.01
+    # What the load-balance term balances (fusemoe.nn.moe): expert_set = all tokens an expert
+    # set receives, pooled over routers; router = each router over all experts (the old term,
+    # which fights the entropy regularizer under per_modality routers).
+    balance_scope: str = "expert_set"
     # Extensions beyond docs/INTERFACES.md (all optional):
     confidence_weight: float = 1.0  # weight of the confidence gate's head-fitting loss
     time_horizon_h: float = 48.0  # reference times span [0, horizon] hours
@@ -59,6 +63,10 @@ class FuseMoEConfig:
             raise ValueError(f"model.gate={self.gate!r}; use one of {', '.join(GATE_TYPES)}")
         if self.router not in ROUTER_TYPES:
             raise ValueError(f"model.router={self.router!r}; use one of {', '.join(ROUTER_TYPES)}")
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise ValueError(
+                f"model.balance_scope={self.balance_scope!r}; use one of {', '.join(BALANCE_SCOPES)}"
+            )
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"model.d_model={self.d_model} not divisible by n_heads={self.n_heads}"
@@ -124,6 +132,7 @@ class Block(nn.Module):
                 router=cfg.router,
                 gate_noise=cfg.gate_noise,
                 backend=cfg.experts_backend,
+                balance_scope=cfg.balance_scope,
             )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.expert_hidden)

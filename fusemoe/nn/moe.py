@@ -10,6 +10,25 @@ Routers:
 - ``per_modality``: one gate per modality, one shared expert set (FuseMoE's default);
 - ``disjoint``: one gate and one expert set per modality.
 Every gate and expert set is a registered submodule, so all of them are trained.
+
+Load balance is a property of an expert set: an expert's load is every token it receives,
+whichever router sent it. So the balance term (``balance_scope: expert_set``) pools the tokens of
+all routers that share an expert set: one term for ``joint`` and ``per_modality``, one per
+modality for ``disjoint``. For ``per_modality`` this is what lets FuseMoE's entropy regularizer
+work: it asks each modality for its own confident subset of the shared experts, and the pooled
+balance asks only that those subsets cover the experts evenly, so both can be at their optimum
+at once. ``balance_scope: router`` (the former term) balances each router over *all* experts,
+which is exactly what the entropy term pushes against: with M modalities on disjoint subsets it
+costs M times the uniform value. On P12 (benchmarks/routing_balance.py) one of the two loses:
+with Gaussian top-4 routers (the committed run) modalities specialise anyway and the per-router
+term sits at ~2x uniform all training, pulling against it; with Laplace top-2 it wins
+and modalities hardly specialise (entropy term -0.06 of its -log 4 floor; pooled: -0.93, with
+the shared experts still evenly used).
+
+The pooled term weights modalities by their token counts (it measures load); the entropy term
+weights them equally (a uniform prior over modalities). They agree when modalities have equal
+token counts; a 1-token static modality carries little weight in the balance, so its experts are
+only lightly pushed to be shared.
 """
 
 from __future__ import annotations
@@ -26,12 +45,13 @@ from fusemoe.nn.gates import GateOutput, make_gate
 from fusemoe.nn.losses import entropy, entropy_regularizer, load_balance_loss
 
 ROUTER_TYPES = ("joint", "per_modality", "disjoint")
+BALANCE_SCOPES = ("expert_set", "router")
 
 
 @dataclass
 class MoEOutput:
     out: Tensor  # [B, S, d]
-    load_balance: Tensor  # scalar, unweighted; mean over routers
+    load_balance: Tensor  # scalar, unweighted; mean over expert sets (or routers, see scope)
     entropy_reg: Tensor  # scalar, unweighted FuseMoE entropy regularizer (0 for disjoint)
     usage: Tensor  # [M, E] fraction of modality m's token-expert assignments per expert (detached)
     router_entropy: Tensor  # scalar, mean per-token entropy of the router distribution (detached)
@@ -52,11 +72,16 @@ class MoELayer(nn.Module):
         router: str = "per_modality",
         gate_noise: float = 0.0,
         backend: str = "auto",
+        balance_scope: str = "expert_set",
     ):
         super().__init__()
         if router not in ROUTER_TYPES:
             raise ValueError(f"unknown router {router!r}; use one of {', '.join(ROUTER_TYPES)}")
-        self.router, self.gate_type = router, gate
+        if balance_scope not in BALANCE_SCOPES:
+            raise ValueError(
+                f"unknown balance_scope {balance_scope!r}; use one of {', '.join(BALANCE_SCOPES)}"
+            )
+        self.router, self.gate_type, self.balance_scope = router, gate, balance_scope
         self.num_experts, self.top_k = num_experts, top_k
         self.modality_tokens = list(modality_tokens)
         num_routers = 1 if router == "joint" else len(self.modality_tokens)
@@ -106,6 +131,20 @@ class MoELayer(nn.Module):
         """Reassemble a per-token gate field [N_r, X] of every router as [B, S, X] (token order)."""
         return torch.cat([(t := getattr(r, field)).view(b, -1, t.shape[-1]) for r in routed], 1)
 
+    def _balance(self, routed: list[GateOutput]) -> Tensor:
+        """Load balance of each expert set over all the tokens it receives, averaged over the
+        sets (``balance_scope: router``: of each router over its own tokens, averaged)."""
+        shared = self.router != "disjoint" and self.balance_scope == "expert_set"
+        groups = [routed] if shared else [[r] for r in routed]
+        return torch.stack(
+            [
+                load_balance_loss(
+                    torch.cat([r.probs for r in g]), torch.cat([r.topk_idx for r in g])
+                )
+                for g in groups
+            ]
+        ).mean()
+
     def _stats(self, out: Tensor, routed: list[GateOutput], b: int) -> MoEOutput:
         probs = self._per_token(routed, b, "probs")  # [B, S, E]
         idx = self._per_token(routed, b, "topk_idx")  # [B, S, K]
@@ -114,8 +153,7 @@ class MoELayer(nn.Module):
         ]
         mod_idx = [i.reshape(-1, self.top_k) for i in torch.split(idx, self.modality_tokens, 1)]
 
-        # Each router balances its own tokens over its experts; averaged over routers.
-        balance = torch.stack([load_balance_loss(r.probs, r.topk_idx) for r in routed]).mean()
+        balance = self._balance(routed)
         if self.router == "disjoint":
             # Experts are not shared, so I(modality; expert) is fixed at log M: no signal.
             entropy_reg = probs.new_zeros(())

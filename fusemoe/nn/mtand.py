@@ -45,9 +45,12 @@ class MTANDEncoder(nn.Module):
     more often). Heads x (value, density) x V features are projected to d, and a Time2Vec
     embedding of the reference time is added as the token's position.
 
-    The per-variable softmax is the all-rows softmax renormalised over v's rows (numerator /
-    density), exact up to fp32 underflow: a variable whose every observation scores ~87 below the
-    best-scoring row gets weight 0 there, as if unobserved.
+    The per-variable softmax is computed as the all-rows softmax renormalised over v's rows
+    (numerator / density), which needs no [B, h, T, L, V] tensor. Where v's share of the
+    attention is below ``EXACT_MASS`` (its rows score far below the sample's best row, so the
+    quotient of two tiny numbers would lose precision, underflow to 0/0, or overflow in the
+    backward pass) that entry is recomputed as a softmax over v's own rows: every observed
+    variable gets its exact attention average, however little mass it has.
 
     With ``count_features``, every token also gets ``log(1 + number of observations)`` of each
     variable: the density channel is relative (a share of the sample's observation times), so
@@ -78,7 +81,20 @@ class MTANDEncoder(nn.Module):
         self.position = nn.Linear(d_model, d_model)
 
     def forward(self, values: Tensor, mask: Tensor, times: Tensor) -> Tensor:
-        b, _, _ = values.shape
+        b = values.shape[0]
+        value, density = self.interpolate(values, mask, times)
+        ref = self.time_embed(self.ref_times)
+        feats = torch.cat([value, density], dim=-1)  # [B, h, T, 2V]
+        feats = feats.permute(0, 2, 1, 3).reshape(b, self.ref_times.numel(), -1)
+        if self.count_features:
+            counts = torch.log1p(mask.sum(1)).to(feats.dtype)  # [B, V]
+            feats = torch.cat([feats, counts[:, None, :].expand(-1, feats.shape[1], -1)], dim=-1)
+        return self.proj(feats) + self.position(ref)
+
+    def interpolate(self, values: Tensor, mask: Tensor, times: Tensor) -> tuple[Tensor, Tensor]:
+        """Per head, reference time and variable: (attention average of v, v's attention mass),
+        both [B, h, T, V]; an unobserved variable gives (0, 0)."""
+        b = values.shape[0]
         h, dk = self.n_heads, self.head_dim
         dtype = self.proj.weight.dtype  # fp32 batches feed a bf16 model too
         values, mask = values.to(dtype), mask.to(dtype)
@@ -94,20 +110,24 @@ class MTANDEncoder(nn.Module):
         # computed without materialising [B, h, T, L, V]: numerator and normaliser per variable.
         density = torch.einsum("bhtl,blv->bhtv", attn, mask)  # the normaliser; also a feature
         numerator = torch.einsum("bhtl,blv->bhtv", attn, values * mask)
-        # The normaliser is floored: once attention is sharp a variable's mass can underflow to
-        # ~1e-30, and d(num/density)/d(density) = -num/density^2 would overflow to inf -> NaN
-        # (seen after 6 epochs on P12). Below the floor the variable contributes ~0, as it should.
-        value = numerator / density.clamp_min(_DENSITY_FLOOR)
+        ok = density >= EXACT_MASS
+        value = numerator / torch.where(ok, density, torch.ones_like(density))
+        # Entries of observed variables with (nearly) no mass: a softmax over v's own rows.
+        redo = ~ok & (mask.sum(1) > 0)[:, None, None, :]
+        if redo.any():
+            bi, hi, ti, vi = redo.nonzero(as_tuple=True)
+            keep = mask[bi, :, vi] > 0  # [n, L]
+            own = _masked_softmax(scores[bi, hi, ti], keep, dim=1)
+            exact = (own * (values * mask)[bi, :, vi]).sum(1)
+            value = value.index_put((bi, hi, ti, vi), exact)
+        return value, density
 
-        feats = torch.cat([value, density], dim=-1)  # [B, h, T, 2V]
-        feats = feats.permute(0, 2, 1, 3).reshape(b, self.ref_times.numel(), -1)
-        if self.count_features:
-            counts = torch.log1p(mask.sum(1))  # [B, V]
-            feats = torch.cat([feats, counts[:, None, :].expand(-1, feats.shape[1], -1)], dim=-1)
-        return self.proj(feats) + self.position(ref)
 
-
-_DENSITY_FLOOR = 1e-6
+# Below this attention mass a variable's average is recomputed over its own rows (see
+# MTANDEncoder). Above it, numerator / density is accurate to the dtype's precision (v's terms
+# are far above fp32/bf16's smallest normal, 1e-38) and its gradient (~ value / density) stays
+# far from overflow (3e38); below it, the row softmax's entries for v may be subnormal or 0.
+EXACT_MASS = 1e-12
 
 
 def _masked_softmax(scores: Tensor, keep: Tensor, dim: int) -> Tensor:

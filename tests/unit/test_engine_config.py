@@ -1,30 +1,63 @@
-"""deepspeed_config turns params.yaml's deepspeed section into a DeepSpeed config."""
+"""deepspeed_config turns params.yaml's deepspeed section into a config DeepSpeed itself accepts
+and reads back as meant (checked with DeepSpeed's own parser, ``DeepSpeedConfig``)."""
 
 import pytest
+from deepspeed.runtime.config import DeepSpeedConfig
 
 from fusemoe.parallel.engine import deepspeed_config
 
 
-def test_config_carries_zero_stage_precision_clipping_and_adamw():
-    cfg = deepspeed_config(
-        {"zero_stage": 2, "precision": "bf16", "grad_clip": 1.0, "ep_size": 2}, 64, 1e-3, 1e-4
-    )
-    assert cfg["train_micro_batch_size_per_gpu"] == 64
-    assert cfg["zero_optimization"]["stage"] == 2
-    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
-    assert cfg["gradient_clipping"] == 1.0
-    assert cfg["optimizer"]["type"] == "AdamW"
-    assert cfg["optimizer"]["params"]["lr"] == 1e-3
-    assert cfg["optimizer"]["params"]["weight_decay"] == 1e-4
+def parsed(ds_params: dict, micro: int = 8, lr: float = 1e-3, wd: float = 0.0) -> DeepSpeedConfig:
+    """DeepSpeed's own reading of our config (one process: data-parallel width 1)."""
+    return DeepSpeedConfig(deepspeed_config(ds_params, micro, lr, wd))
 
 
-def test_fp32_is_the_default_precision():
-    cfg = deepspeed_config({}, 8, 1e-3, 0.0)
-    assert not cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
-    assert cfg["zero_optimization"]["stage"] == 0
+@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_deepspeed_reads_back_stage_precision_clipping_and_adamw(stage, precision):
+    ds = parsed({"zero_stage": stage, "precision": precision, "grad_clip": 0.7}, lr=3e-4, wd=0.02)
+    assert ds.zero_optimization_stage == stage
+    assert ds.bfloat16_config.enabled is (precision == "bf16")
+    assert not ds.float16_config.enabled  # never fp16: no loss scaling anywhere
+    assert ds.gradient_clipping == 0.7
+    assert ds.optimizer_name == "adamw"
+    assert ds.optimizer_params["lr"] == 3e-4 and ds.optimizer_params["weight_decay"] == 0.02
+    assert ds.optimizer_params["torch_adam"] is True  # no JIT-built fused op on CPU
 
 
-@pytest.mark.parametrize("bad", [{"zero_stage": 3}, {"precision": "fp16"}, {"ep_size": 0}], ids=str)
-def test_unsupported_settings_are_rejected(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_settings_satisfy_deepspeed_moe(stage):
+    """ZeRO-2 with MoE layers asserts contiguous gradients and reduce-scatter at engine start."""
+    zero = parsed({"zero_stage": stage}).zero_config
+    assert zero.contiguous_gradients and zero.reduce_scatter
+
+
+@pytest.mark.parametrize(("micro", "accum"), [(8, 1), (64, 2), (16, 3)])
+def test_train_batch_is_micro_batch_times_accumulation(micro, accum):
+    """DeepSpeed derives the global batch (x data-parallel width, 1 here) and asserts it is
+    consistent; the config never states it, so it cannot contradict the other two."""
+    ds = parsed({"gradient_accumulation_steps": accum}, micro=micro)
+    assert ds.train_micro_batch_size_per_gpu == micro
+    assert ds.gradient_accumulation_steps == accum
+    assert ds.train_batch_size == micro * accum
+
+
+def test_defaults_are_fp32_zero_0_and_no_clipping():
+    ds = parsed({})
+    assert not ds.bfloat16_config.enabled and not ds.float16_config.enabled
+    assert ds.zero_optimization_stage == 0
+    assert ds.gradient_clipping == 0.0
+
+
+@pytest.mark.parametrize(
+    ("bad", "names"),
+    [
+        ({"zero_stage": 3}, "deepspeed.zero_stage=3"),  # DeepSpeed refuses MoE under ZeRO-3
+        ({"precision": "fp16"}, "deepspeed.precision='fp16'"),
+        ({"ep_size": 0}, "deepspeed.ep_size=0"),
+    ],
+    ids=str,
+)
+def test_unsupported_settings_are_rejected_naming_the_field(bad, names):
+    with pytest.raises(ValueError, match=names.replace("[", r"\[")):
         deepspeed_config(bad, 8, 1e-3, 0.0)
