@@ -43,7 +43,7 @@ from fusemoe.metrics import higher_is_better
 from fusemoe.nn.experts import Backend
 from fusemoe.nn.gates import GATE_TYPES
 from fusemoe.nn.model import FuseMoEConfig
-from fusemoe.nn.moe import ROUTER_TYPES
+from fusemoe.nn.moe import BALANCE_SCOPES, ROUTER_TYPES
 from fusemoe.parallel.engine import PRECISIONS, deepspeed_config
 from fusemoe.train import LR_SCHEDULES
 
@@ -139,6 +139,7 @@ class ModelConfig(Section):
     dropout: Annotated[Float, Field(ge=0, lt=1)] = _M.dropout
     load_balance_weight: NonNegativeFloat = _M.load_balance_weight
     entropy_weight: NonNegativeFloat = _M.entropy_weight
+    balance_scope: Literal[BALANCE_SCOPES] = _M.balance_scope  # expert_set | router
     confidence_weight: NonNegativeFloat = _M.confidence_weight
     time_horizon_h: PositiveFloat = _M.time_horizon_h
     count_features: bool = _M.count_features
