@@ -416,6 +416,22 @@ def validate_events(
         raise FlexiModalError(
             file, f"stay_id '{sid}' is not in {stays_file}", row=i, column="stay_id"
         )
+    # Two values of one variable at the same time of a stay: the model's input holds one value per
+    # (time, variable), so one of them would silently be lost.
+    order = np.lexsort((time, var_codes, mod_idx, pos_np))
+    same = np.ones(len(order) - 1, dtype=bool) if len(order) > 1 else np.zeros(0, dtype=bool)
+    for key in (pos_np, mod_idx, var_codes, time):
+        same &= key[order[1:]] == key[order[:-1]]
+    if same.any():
+        i = int(order[1:][same].min())  # the first row (in file order) repeating an earlier one
+        raise FlexiModalError(
+            file,
+            f"stay '{events.column('stay_id')[i].as_py()}' already has a value of "
+            f"{series[mod_idx[i]]['name']} '{var_dict[var_codes[i]]}' at {time[i]} h "
+            "(one value per variable and time; average or drop repeats)",
+            row=i,
+            column="time_h",
+        )
     has_events = np.bincount(pos_np, minlength=stays.num_rows) > 0
     has_static = np.zeros(stays.num_rows, dtype=bool)
     for v in static_variables(manifest):

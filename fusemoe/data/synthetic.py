@@ -132,6 +132,10 @@ def generate_synthetic(
         }
     )
     events = events.sort_values(["stay_id", "modality", "time_h"], kind="stable", ignore_index=True)
+    # Times rounded to 0.001 h can coincide; keep one value per (stay, variable, time): the last,
+    # which is the one a dataset built from the repeated rows used.
+    key = ["stay_id", "modality", "variable", "time_h"]
+    events = events.drop_duplicates(key, keep="last", ignore_index=True)
     manifest = {
         "source": "synthetic",
         "source_hashes": {},

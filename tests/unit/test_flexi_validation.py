@@ -358,3 +358,18 @@ def test_prepare_accepts_a_users_pandas_parquet_files_and_says_so_in_the_manifes
     manifest = prepare({"source": "flexi", "flexi_dir": str(src), "out_dir": str(tmp_path / "out")})
     assert manifest["casts"]["stays.parquet"]["ihm"] == "int64 -> int8"
     assert manifest["casts"]["events.parquet"]["time_h"] == "double -> float"
+
+
+def test_two_values_of_one_variable_at_the_same_time_are_rejected():
+    events = _events(time_h=np.array([0.0, 0.5, 1.0, 2.0, 3.0], np.float32))
+    events = pd.concat([events, events.iloc[[2]].assign(value=np.float32(95))], ignore_index=True)
+    msg = _error(_stays(), events)
+    assert msg == (
+        "events.parquet, row 5, column 'time_h': stay 'b' already has a value of vitals 'HR' at"
+        " 1.0 h (one value per variable and time; average or drop repeats)"
+    )
+
+
+def test_same_time_different_variables_or_stays_are_not_repeats():
+    events = _events(time_h=np.array([1.0, 1.0, 1.0, 1.0, 1.0], np.float32))
+    _check(_stays(), events)

@@ -173,3 +173,13 @@ def test_extreme_value_never_yields_a_non_finite_prediction(scorer):
     sid = bad["stay_id"].iloc[row]
     msg = _error(scorer, bad)
     assert msg.startswith(f"records: stay '{sid}': prediction ") and "is nan" in msg
+
+
+def test_repeated_series_observation_is_rejected_at_predict(scorer):
+    _, records = scorer
+    row = int(np.flatnonzero(records["modality"] == "vitals")[0])
+    bad = pd.concat([records.iloc[[row]].assign(value=1.0), records], ignore_index=True)
+    sid, var = records["stay_id"].iloc[row], records["variable"].iloc[row]
+    assert _error(scorer, bad).startswith(
+        f"records, row {row + 1}, column 'time_h': stay '{sid}' already has a value of vitals '{var}'"
+    )
