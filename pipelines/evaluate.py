@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,7 +26,13 @@ from fusemoe.metrics import (
     multilabel_metrics,
     task_kind_metrics,
 )
-from fusemoe.train import load_model, output_to_prediction, predict, predictions_table
+from fusemoe.train import (
+    NonFinitePrediction,
+    load_model,
+    output_to_prediction,
+    predict,
+    predictions_table,
+)
 from pipelines.common import (
     HISTORY_FILE,
     TRAIN_DIR,
@@ -213,6 +220,12 @@ def main() -> None:
     device = torch.device("cpu")
     val = predict(model, loaders["val"], device)
     test = predict(model, loaders["test"], device)
+    tables = {}
+    for split, pred in (("val", val), ("test", test)):
+        try:  # refuses a non-finite output before any metric or file is computed from it
+            tables[split] = predictions_table(pred, spec)
+        except NonFinitePrediction as e:
+            sys.exit(f"error: evaluate, {split} split: {e}")
     seed = int(params["train"]["seed"])
 
     metrics: dict = {"best_epoch": run["best_epoch"], "mlflow_run_id": run["mlflow_run_id"]}
@@ -262,7 +275,7 @@ def main() -> None:
         ]
 
     write_plots(plots, sweeps, metrics, spec, params["train"]["primary_metric"])
-    write_predictions(test, spec)
+    write_predictions(tables["test"])
     write_json_atomic(METRICS_FILE, metrics)
     _log_to_mlflow(params, run["mlflow_run_id"], flat, metrics)
     print(
@@ -300,9 +313,8 @@ def write_plots(plots: dict, sweeps: dict, metrics: dict, spec, primary: str) ->
     shutil.rmtree(staging.parent, ignore_errors=True)
 
 
-def write_predictions(pred: dict, spec) -> None:
-    """Per-stay test predictions, the reference the packaged model must reproduce."""
-    table = predictions_table(pred, spec)
+def write_predictions(table) -> None:
+    """Per-stay test predictions (all finite), the reference the packaged model must reproduce."""
     PREDICTIONS_FILE.parent.mkdir(parents=True, exist_ok=True)
     tmp = PREDICTIONS_FILE.with_suffix(".tmp")
     table.to_parquet(tmp, index=False)
