@@ -131,10 +131,10 @@ def records_to_tables(
                 row=i,
                 column="variable",
             )
-        wide = rows.set_index(["stay_id", "variable"])["value"]
+        wide = rows.pivot(index="stay_id", columns="variable", values="value")
+        wide = wide.reindex(columns=static["variables"])  # absent variables: all missing
         for v in static["variables"]:
-            col = wide.xs(v, level="variable") if v in rows["variable"].values else pd.Series()
-            stays[v] = stays["stay_id"].map(col).astype("float32")
+            stays[v] = stays["stay_id"].map(wide[v]).astype("float32")
     event_rows = np.flatnonzero(~is_static)
     events = records.iloc[event_rows][list(RECORD_COLUMNS)].astype(
         {"stay_id": str, "modality": str, "variable": str, "time_h": "float32", "value": "float32"}

@@ -138,3 +138,52 @@ def test_predictions_and_pyfunc_return_class_and_label_probabilities(project):
     for col in acuity + phenotype:
         np.testing.assert_allclose(merged[f"{col}_pyfunc"], merged[f"{col}_evaluate"], atol=1e-5)
     assert (merged["pred_acuity_pyfunc"] == merged["pred_acuity_evaluate"]).all()
+
+
+def test_predict_cli_rejects_what_prepare_rejects_and_writes_nothing(project, tmp_path):
+    from pipelines.packaging import example_records
+
+    work, env = project
+    records = example_records(work / "data/processed", n_stays=3)
+    static = records[records["modality"] == "static"]
+    vitals = np.flatnonzero(records["modality"] == "vitals")
+    cases = {
+        "empty": (records.iloc[:0], "records: no rows (nothing to score)"),
+        "unknown_static_variable": (
+            records.assign(
+                variable=records["variable"].where(records["modality"] != "static", "Height")
+            ),
+            "unknown variable 'Height' for modality 'static'",
+        ),
+        "repeated_static_value": (
+            pd.concat([records, static.iloc[:1].assign(value=99.0)], ignore_index=True),
+            "has static variable",
+        ),
+        "extreme_value": (
+            records.assign(value=records["value"].where(~records.index.isin(vitals), 3e38)),
+            "prediction",
+        ),
+    }
+    for name, (bad, expected) in cases.items():
+        src, dst = tmp_path / f"{name}.parquet", tmp_path / f"{name}-out.parquet"
+        bad.to_parquet(src)
+        proc = subprocess.run(
+            [str(BIN / "fusemoe"), "predict", str(src), str(dst)],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode != 0, name
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {src}: records") and expected in last, (name, last)
+        assert "Traceback" not in proc.stderr, name
+        assert not dst.exists(), name
+    only_static, out = tmp_path / "static.parquet", tmp_path / "static-out.parquet"
+    static.to_parquet(only_static)
+    run([str(BIN / "fusemoe"), "predict", str(only_static), str(out)], work, env)
+    scored = pd.read_parquet(out)
+    assert (
+        len(scored) == static["stay_id"].nunique() and np.isfinite(scored.iloc[:, 1:]).all().all()
+    )
