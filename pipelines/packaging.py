@@ -147,7 +147,8 @@ def records_to_tables(
 
 
 class FuseMoEPyfunc(mlflow.pyfunc.PythonModel):
-    """Probabilities (binary tasks) or values (regression) per stay, from raw records."""
+    """Per stay, from raw records: the columns of fusemoe.train.predictions_table (probabilities,
+    values, per-class/per-label probabilities and the predicted class)."""
 
     def load_context(self, context) -> None:
         from fusemoe.train import load_model
