@@ -418,12 +418,8 @@ def validate_events(
         )
     # Two values of one variable at the same time of a stay: the model's input holds one value per
     # (time, variable), so one of them would silently be lost.
-    order = np.lexsort((time, var_codes, mod_idx, pos_np))
-    same = np.ones(len(order) - 1, dtype=bool) if len(order) > 1 else np.zeros(0, dtype=bool)
-    for key in (pos_np, mod_idx, var_codes, time):
-        same &= key[order[1:]] == key[order[:-1]]
-    if same.any():
-        i = int(order[1:][same].min())  # the first row (in file order) repeating an earlier one
+    i = _first_repeat(pos_np, mod_idx * max(len(var_dict), 1) + var_codes, time)
+    if i is not None:
         raise FlexiModalError(
             file,
             f"stay '{events.column('stay_id')[i].as_py()}' already has a value of "
@@ -445,6 +441,29 @@ def validate_events(
             f"stay '{sid}' has no observations at all (no events, no static values)",
             row=i,
         )
+
+
+def _first_repeat(stay: np.ndarray, variable: np.ndarray, time: np.ndarray) -> int | None:
+    """The first row (in table order) whose (stay, variable, time) occurs in an earlier row.
+
+    One int64 key (stay | variable | float32 time bits), sorted: about a second for P12's 5M
+    events, where a 3-key lexsort takes tens of seconds."""
+    if len(stay) < 2:
+        return None
+    var_bits = max(int(variable.max()), 1).bit_length()
+    if int(stay.max()).bit_length() + var_bits + 32 > 63:  # too many stays/variables for one key
+        order = np.lexsort((time, variable, stay))
+        keys = [k[order] for k in (stay, variable, time)]
+        same = np.logical_and.reduce([k[1:] == k[:-1] for k in keys])
+    else:
+        key = (stay.astype(np.int64) << (var_bits + 32)) | (variable.astype(np.int64) << 32)
+        key |= np.ascontiguousarray(time, dtype=np.float32).view(np.uint32).astype(np.int64)
+        ordered = np.sort(key)  # (np.unique is far slower on millions of int64 keys)
+        if not (ordered[1:] == ordered[:-1]).any():
+            return None
+        order = np.argsort(key, kind="stable")
+        same = key[order[1:]] == key[order[:-1]]
+    return int(order[1:][same].min()) if same.any() else None
 
 
 def read_tables(directory: str | os.PathLike) -> tuple[pa.Table, pa.Table]:
