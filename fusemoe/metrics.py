@@ -84,6 +84,76 @@ def regression_metrics(y: np.ndarray, yhat: np.ndarray) -> dict[str, float]:
     }
 
 
+def _auroc_auprc(y: np.ndarray, p: np.ndarray) -> tuple[float, float] | None:
+    """(AUROC, AUPRC) of one binary column, or None when it lacks one of the classes."""
+    if len(np.unique(y)) < 2:
+        return None
+    return float(roc_auc_score(y, p)), float(average_precision_score(y, p))
+
+
+def multiclass_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro-F1 and macro one-vs-rest AUROC; y class indices [N] (NaN = unlabelled),
+    p class probabilities [N, C]. The macro AUROC averages the classes that occur in ``y`` and are
+    not all of it (a class with no positives has no ROC curve); macro-F1 averages all C classes."""
+    y, p = np.asarray(y, float).reshape(-1), np.asarray(p, float)
+    keep = ~np.isnan(y)
+    y, p = y[keep].astype(int), p[keep]
+    c = p.shape[1]
+    aurocs = [r[0] for k in range(c) if (r := _auroc_auprc(y == k, p[:, k])) is not None]
+    if not aurocs:
+        raise ValueError(f"multiclass metrics need at least two classes; got {len(y)} labels")
+    pred = p.argmax(1)
+    return {
+        "accuracy": float((pred == y).mean()),
+        "macro_f1": float(f1_score(y, pred, labels=range(c), average="macro", zero_division=0)),
+        "macro_auroc": float(np.mean(aurocs)),
+        "n": int(len(y)),
+    }
+
+
+def multilabel_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """Macro and micro AUROC and AUPRC; y [N, C] in {0, 1} with NaN for unobserved labels,
+    p [N, C] probabilities. Macro averages the labels having both classes (as for 25-label
+    phenotyping, where rare phenotypes may lack positives in a split); micro pools every observed
+    (sample, label) pair into one binary problem."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    seen = ~np.isnan(y)
+    per_label = [
+        r for k in range(y.shape[1]) if (r := _auroc_auprc(y[seen[:, k], k], p[seen[:, k], k]))
+    ]
+    micro = _auroc_auprc(y[seen], p[seen])
+    if not per_label or micro is None:
+        raise ValueError("multilabel metrics need a label with both classes")
+    return {
+        "macro_auroc": float(np.mean([r[0] for r in per_label])),
+        "micro_auroc": micro[0],
+        "macro_auprc": float(np.mean([r[1] for r in per_label])),
+        "micro_auprc": micro[1],
+        "n": int(seen.any(1).sum()),
+    }
+
+
+# Per task kind: the metric function and the keys logged as <split>_<key>_<task> (what
+# train.primary_metric and registry.metric may name).
+KIND_METRICS = {
+    "binary": (binary_metrics, ("auroc", "auprc", "brier", "ece")),
+    "regression": (regression_metrics, ("mae", "rmse")),
+    "multiclass": (multiclass_metrics, ("accuracy", "macro_f1", "macro_auroc")),
+    "multilabel": (
+        multilabel_metrics,
+        ("macro_auroc", "micro_auroc", "macro_auprc", "micro_auprc"),
+    ),
+}
+
+
+def task_kind_metrics(kind: str, y: np.ndarray, yhat: np.ndarray) -> dict[str, float]:
+    """The metrics of one task of ``kind`` from labels and predictions (probabilities/values)."""
+    fn, _ = KIND_METRICS[kind]
+    if kind in ("binary", "regression"):
+        return fn(np.asarray(y).reshape(-1), np.asarray(yhat).reshape(-1))
+    return fn(y, yhat)
+
+
 def bootstrap_ci(
     y: np.ndarray,
     p: np.ndarray,

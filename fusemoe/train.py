@@ -32,7 +32,7 @@ from fusemoe.data.dataset import (
     drop_modalities,
 )
 from fusemoe.data.flexi import load_manifest
-from fusemoe.metrics import binary_metrics, regression_metrics
+from fusemoe.metrics import KIND_METRICS, task_kind_metrics
 from fusemoe.nn.losses import task_loss
 from fusemoe.nn.model import FuseMoE, FuseMoEConfig
 
@@ -148,32 +148,48 @@ def output_to_prediction(kind: str, logits: np.ndarray) -> np.ndarray:
     return logits[:, 0] if logits.ndim == 2 else logits
 
 
+class NonFinitePrediction(ValueError):
+    """A model output that is NaN or infinite (e.g. from an extreme input value): never written."""
+
+
 def predictions_table(pred: dict, spec: DataSpec):
-    """One row per stay: prob_<task> for binary tasks, <task> for regression."""
+    """One row per stay: prob_<task> (binary), <task> (regression), prob_<task>_<k> per class and
+    pred_<task> (multiclass: the most probable class), prob_<task>_<k> per label (multilabel).
+
+    Every output must be finite, so no prediction file or pyfunc answer ever holds a NaN: a
+    non-finite one raises NonFinitePrediction naming the stay."""
     import pandas as pd
 
-    table = pd.DataFrame({"stay_id": pred["stay_id"]})
+    columns: dict[str, np.ndarray] = {"stay_id": np.asarray(pred["stay_id"], dtype=object)}
     for task in spec.tasks:
-        if task.kind in ("binary", "regression"):
-            name = f"prob_{task.name}" if task.kind == "binary" else task.name
-            table[name] = output_to_prediction(task.kind, pred["logits"][task.name]).reshape(-1)
-    return table
+        out = output_to_prediction(task.kind, pred["logits"][task.name])
+        if task.kind == "binary":
+            columns[f"prob_{task.name}"] = out.reshape(-1)
+        elif task.kind == "regression":
+            columns[task.name] = out.reshape(-1)
+        else:
+            out = out.reshape(len(columns["stay_id"]), -1)
+            columns.update({f"prob_{task.name}_{k}": out[:, k] for k in range(out.shape[1])})
+            if task.kind == "multiclass":
+                columns[f"pred_{task.name}"] = out.argmax(1).astype(np.int16)
+    for name, values in columns.items():
+        bad = ~np.isfinite(values) if name != "stay_id" else np.zeros(len(values), bool)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise NonFinitePrediction(
+                f"stay '{columns['stay_id'][i]}': prediction {name} is {values[i]} "
+                f"({int(bad.sum())} stay(s) affected); check its input values for extremes"
+            )
+    return pd.DataFrame(columns)
 
 
 def task_metrics(pred: dict, spec: DataSpec, prefix: str) -> dict[str, float]:
-    """Flat metric dict (e.g. val_auroc_ihm) for every task of the spec."""
+    """Flat metric dict (e.g. val_auroc_ihm, val_macro_auroc_activity) for every task."""
     metrics: dict[str, float] = {}
     for task in spec.tasks:
-        y = pred["labels"][task.name]
         yhat = output_to_prediction(task.kind, pred["logits"][task.name])
-        if task.kind == "binary":
-            m = binary_metrics(y.reshape(-1), yhat.reshape(-1))
-            keys = ("auroc", "auprc", "brier", "ece")
-        elif task.kind == "regression":
-            m = regression_metrics(y.reshape(-1), yhat.reshape(-1))
-            keys = ("mae", "rmse")
-        else:
-            continue
+        m = task_kind_metrics(task.kind, pred["labels"][task.name], yhat)
+        keys = KIND_METRICS[task.kind][1]
         metrics.update({f"{prefix}_{k}_{task.name}": m[k] for k in keys})
     return metrics
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,13 +18,21 @@ from torch.utils.data import DataLoader
 
 from fusemoe.data.dataset import FlexiModalDataset, collate, drop_modalities
 from fusemoe.metrics import (
+    KIND_METRICS,
     best_f1_threshold,
     binary_metrics,
     bootstrap_ci,
     calibration_curve,
-    regression_metrics,
+    multilabel_metrics,
+    task_kind_metrics,
 )
-from fusemoe.train import load_model, output_to_prediction, predict, predictions_table
+from fusemoe.train import (
+    NonFinitePrediction,
+    load_model,
+    output_to_prediction,
+    predict,
+    predictions_table,
+)
 from pipelines.common import (
     HISTORY_FILE,
     TRAIN_DIR,
@@ -36,6 +45,8 @@ from pipelines.common import (
 )
 from pipelines.figures import (
     save_binary_curves,
+    save_confusion_matrix,
+    save_label_scores,
     save_missingness_sweep,
     save_training_curves,
     save_usage_heatmap,
@@ -45,6 +56,13 @@ METRICS_FILE = Path("metrics.json")
 PREDICTIONS_FILE = Path("metrics/test_predictions.parquet")
 PLOTS = Path("plots")
 SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8)
+# Per task kind, the metrics followed along the missingness sweep (row keys <metric>_<task>).
+SWEEP_METRICS = {
+    "binary": ("auroc", "auprc"),
+    "regression": ("mae",),
+    "multiclass": ("accuracy", "macro_auroc"),
+    "multilabel": ("macro_auroc", "micro_auprc"),
+}
 
 
 def at_random(fraction: float, seed: int):
@@ -96,13 +114,9 @@ def missingness_sweep(model, loader: DataLoader, spec, mechanism) -> list[dict]:
         pred = predict(model, loader, torch.device("cpu"), mechanism(frac))
         row = {"dropped_fraction": frac}
         for task in spec.tasks:
-            y = pred["labels"][task.name].reshape(-1)
             yhat = output_to_prediction(task.kind, pred["logits"][task.name])
-            if task.kind == "binary":
-                m = binary_metrics(y, yhat)
-                row[f"auroc_{task.name}"], row[f"auprc_{task.name}"] = m["auroc"], m["auprc"]
-            elif task.kind == "regression":
-                row[f"mae_{task.name}"] = regression_metrics(y, yhat.reshape(-1))["mae"]
+            m = task_kind_metrics(task.kind, pred["labels"][task.name], yhat)
+            row.update({f"{k}_{task.name}": m[k] for k in SWEEP_METRICS[task.kind]})
         rows.append(row)
     return rows
 
@@ -153,6 +167,40 @@ def binary_report(task: str, val: dict, test: dict, seed: int) -> tuple[dict, di
     return out, plots
 
 
+def class_report(task, val: dict, test: dict) -> tuple[dict, dict]:
+    """Metrics dict and plot tables for one multiclass or multilabel task: the test confusion
+    matrix (multiclass) or per-label test AUROC/AUPRC (multilabel)."""
+    name, kind = task.name, task.kind
+    probs = {
+        s: output_to_prediction(kind, d["logits"][name]) for s, d in (("val", val), ("test", test))
+    }
+    out = {
+        s: task_kind_metrics(kind, d["labels"][name], probs[s])
+        for s, d in (("val", val), ("test", test))
+    }
+    y, p = test["labels"][name], probs["test"]
+    if kind == "multiclass":
+        keep = ~np.isnan(y)
+        actual, predicted = y[keep].astype(int), p[keep].argmax(1)
+        table = [
+            {"actual": a, "predicted": b, "count": int(((actual == a) & (predicted == b)).sum())}
+            for a in range(task.num_outputs)
+            for b in range(task.num_outputs)
+        ]
+        return out, {f"confusion_{name}.json": table}
+    table = []
+    for k in range(task.num_outputs):
+        seen = ~np.isnan(y[:, k])
+        row = {"label": k, "n": int(seen.sum()), "positive_rate": float(y[seen, k].mean())}
+        try:
+            m = multilabel_metrics(y[seen, k : k + 1], p[seen, k : k + 1])
+            row.update(auroc=m["macro_auroc"], auprc=m["macro_auprc"])
+        except ValueError:  # this label lacks a class on test: no curve, only its count
+            pass
+        table.append(row)
+    return out, {f"labels_{name}.json": table}
+
+
 def _thin(x: np.ndarray, y: np.ndarray, n: int = 200):
     idx = np.unique(np.linspace(0, len(x) - 1, min(n, len(x))).astype(int))
     return zip(x[idx], y[idx], strict=True)
@@ -172,6 +220,12 @@ def main() -> None:
     device = torch.device("cpu")
     val = predict(model, loaders["val"], device)
     test = predict(model, loaders["test"], device)
+    tables = {}
+    for split, pred in (("val", val), ("test", test)):
+        try:  # refuses a non-finite output before any metric or file is computed from it
+            tables[split] = predictions_table(pred, spec)
+        except NonFinitePrediction as e:
+            sys.exit(f"error: evaluate, {split} split: {e}")
     seed = int(params["train"]["seed"])
 
     metrics: dict = {"best_epoch": run["best_epoch"], "mlflow_run_id": run["mlflow_run_id"]}
@@ -180,23 +234,24 @@ def main() -> None:
     for task in spec.tasks:
         if task.kind == "binary":
             report, task_plots = binary_report(task.name, val, test, seed)
-            plots.update(task_plots)
-            for split in ("val", "test"):
-                for k in ("auroc", "auprc", "f1", "brier", "ece"):
-                    flat[f"{split}_{k}_{task.name}"] = report[split][k]
+            keys: tuple[str, ...] = ("auroc", "auprc", "f1", "brier", "ece")
         elif task.kind == "regression":
             report = {
-                split: regression_metrics(
-                    d["labels"][task.name].reshape(-1),
+                split: task_kind_metrics(
+                    "regression",
+                    d["labels"][task.name],
                     output_to_prediction("regression", d["logits"][task.name]),
                 )
                 for split, d in (("val", val), ("test", test))
             }
-            for split in ("val", "test"):
-                for k in ("mae", "rmse"):
-                    flat[f"{split}_{k}_{task.name}"] = report[split][k]
+            task_plots, keys = {}, KIND_METRICS["regression"][1]
         else:
-            continue
+            report, task_plots = class_report(task, val, test)
+            keys = KIND_METRICS[task.kind][1]
+        plots.update(task_plots)
+        for split in ("val", "test"):
+            for k in keys:
+                flat[f"{split}_{k}_{task.name}"] = report[split][k]
         metrics[task.name] = report
 
     # Robustness: metrics vs fraction of modalities removed at test time, at random and not.
@@ -220,7 +275,7 @@ def main() -> None:
         ]
 
     write_plots(plots, sweeps, metrics, spec, params["train"]["primary_metric"])
-    write_predictions(test, spec)
+    write_predictions(tables["test"])
     write_json_atomic(METRICS_FILE, metrics)
     _log_to_mlflow(params, run["mlflow_run_id"], flat, metrics)
     print(
@@ -247,6 +302,10 @@ def write_plots(plots: dict, sweeps: dict, metrics: dict, spec, primary: str) ->
     for task in spec.tasks:
         if task.kind == "binary":
             save_binary_curves(task.name, plots, metrics[task.name], staging)
+        elif task.kind == "multiclass":
+            save_confusion_matrix(task.name, plots[f"confusion_{task.name}.json"], staging)
+        elif task.kind == "multilabel":
+            save_label_scores(task.name, plots[f"labels_{task.name}.json"], staging)
     save_missingness_sweep(sweeps, staging)
     history = json.loads(HISTORY_FILE.read_text()) if HISTORY_FILE.is_file() else []
     save_training_curves(history, primary, staging)
@@ -254,9 +313,8 @@ def write_plots(plots: dict, sweeps: dict, metrics: dict, spec, primary: str) ->
     shutil.rmtree(staging.parent, ignore_errors=True)
 
 
-def write_predictions(pred: dict, spec) -> None:
-    """Per-stay test predictions, the reference the packaged model must reproduce."""
-    table = predictions_table(pred, spec)
+def write_predictions(table) -> None:
+    """Per-stay test predictions (all finite), the reference the packaged model must reproduce."""
     PREDICTIONS_FILE.parent.mkdir(parents=True, exist_ok=True)
     tmp = PREDICTIONS_FILE.with_suffix(".tmp")
     table.to_parquet(tmp, index=False)

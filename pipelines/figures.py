@@ -77,10 +77,52 @@ def save_binary_curves(
     return paths
 
 
+def save_confusion_matrix(task: str, rows: list[dict], out: Path) -> Path:
+    """Test confusion matrix of one multiclass task, as row-normalised rates with counts."""
+    plt = _pyplot()
+    c = max(r["actual"] for r in rows) + 1
+    counts = np.zeros((c, c))
+    for r in rows:
+        counts[r["actual"], r["predicted"]] = r["count"]
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * c, 1.2 + 0.7 * c))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for a in range(c):
+        for b in range(c):
+            ax.text(b, a, int(counts[a, b]), ha="center", va="center", fontsize=8)
+    ax.set(
+        xticks=range(c),
+        yticks=range(c),
+        xlabel="predicted class",
+        ylabel="actual class",
+        title=f"Confusion ({task}, test)",
+    )
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    path = out / f"confusion_{task}.png"
+    _save(fig, path)
+    return path
+
+
+def save_label_scores(task: str, rows: list[dict], out: Path) -> Path:
+    """Per-label test AUROC and AUPRC of one multilabel task (labels lacking a class left blank)."""
+    plt = _pyplot()
+    labels = [r["label"] for r in rows]
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(2 + 0.4 * len(labels), 3.6))
+    for shift, key in ((-0.2, "auroc"), (0.2, "auprc")):
+        ax.bar(x + shift, [r.get(key, np.nan) for r in rows], width=0.4, label=key.upper())
+    ax.set(xticks=x, xticklabels=labels, xlabel="label", ylim=(0, 1), title=f"{task} (test)")
+    ax.legend()
+    path = out / f"labels_{task}.png"
+    _save(fig, path)
+    return path
+
+
 def save_missingness_sweep(sweeps: dict[str, list[dict]], out: Path) -> Path:
     """Every binary metric vs the fraction of modalities removed, one line per mechanism."""
     plt = _pyplot()
-    keys = [k for k in next(iter(sweeps.values()))[0] if k.startswith(("auroc_", "auprc_"))]
+    prefixes = ("auroc_", "auprc_", "accuracy_", "macro_auroc_", "micro_auprc_")
+    keys = [k for k in next(iter(sweeps.values()))[0] if k.startswith(prefixes)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         for mechanism, rows in sweeps.items():

@@ -31,50 +31,124 @@ class RecordsError(ValueError):
     """Bad prediction input: names the column/row and what was expected."""
 
 
-def records_to_tables(records: pd.DataFrame, manifest: dict) -> tuple[pa.Table, pa.Table]:
-    """Long records -> (stays, events) tables in the manifest's FlexiModal layout, labels empty."""
-    missing = [c for c in RECORD_COLUMNS if c not in records.columns]
-    if missing:
-        raise RecordsError(f"records: missing column(s) {missing}; expected {list(RECORD_COLUMNS)}")
+def _bad(problem: str, row: int | None = None, column: str | None = None) -> RecordsError:
+    """A RecordsError worded like the training-time validator's (`records, row 3, column ...`)."""
+    from fusemoe.data.flexi import FlexiModalError
+
+    return RecordsError(str(FlexiModalError("records", problem, row=row, column=column)))
+
+
+def _first(mask) -> int:
+    return int(np.flatnonzero(np.asarray(mask))[0])
+
+
+def records_to_tables(
+    records: pd.DataFrame, manifest: dict
+) -> tuple[pa.Table, pa.Table, np.ndarray]:
+    """Long records -> (stays, events) tables in the manifest's FlexiModal layout (labels empty)
+    and, per event row, its row in `records` (so later errors name the user's row).
+
+    Checked here, as prepare checks a FlexiModal directory: exact columns, no nulls, numeric
+    times/values cast to float32 only losslessly (prepare's rule), non-empty stay ids, known
+    modalities, and static rows: known variables, finite values, at most one per stay and variable
+    (their time_h is ignored). Event rows are then checked by the training-time events validator.
+    """
+    from fusemoe.data.flexi import FlexiModalError, cast_losslessly
+
+    unknown = [c for c in records.columns if c not in RECORD_COLUMNS]
+    if unknown:
+        raise _bad(f"unknown column; expected {', '.join(RECORD_COLUMNS)}", column=str(unknown[0]))
+    for col in RECORD_COLUMNS:
+        if col not in records.columns:
+            raise _bad(
+                f"required column is missing; expected {', '.join(RECORD_COLUMNS)}", column=col
+            )
+    if len(records) == 0:
+        raise _bad("no rows (nothing to score)")
+    records = records.reset_index(drop=True)
+    for col in ("stay_id", "modality", "variable", "value"):
+        if records[col].isna().any():
+            raise _bad("missing (null) value", row=_first(records[col].isna()), column=col)
     for col in ("time_h", "value"):
         if not pd.api.types.is_numeric_dtype(records[col]):
             bad = pd.to_numeric(records[col], errors="coerce").isna() & records[col].notna()
-            row = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
-            raise RecordsError(
-                f"records: column '{col}' must be numeric; row {row} has {records[col].iloc[row]!r}"
-            )
+            row = _first(bad) if bad.any() else 0
+            raise _bad(f"must be numeric, got {records[col].iloc[row]!r}", row=row, column=col)
+        try:
+            cast = cast_losslessly(pa.array(records[col]), pa.float32(), "records", col)
+        except FlexiModalError as e:
+            raise RecordsError(str(e)) from None
+        records[col] = cast.to_numpy(zero_copy_only=False)
+    records["stay_id"] = records["stay_id"].astype(str)
+    empty = records["stay_id"] == ""
+    if empty.any():
+        raise _bad("empty stay_id", row=_first(empty), column="stay_id")
+
     modalities = {m["name"]: m for m in manifest["modalities"]}
-    unknown = ~records["modality"].isin(list(modalities))
-    if unknown.any():
-        row = int(np.flatnonzero(unknown.to_numpy())[0])
-        raise RecordsError(
-            f"records: row {row}: unknown modality {records['modality'].iloc[row]!r}; "
-            f"expected one of {list(modalities)}"
+    unknown_mod = ~records["modality"].isin(list(modalities))
+    if unknown_mod.any():
+        row = _first(unknown_mod)
+        raise _bad(
+            f"unknown modality {records['modality'].iloc[row]!r}; expected one of {list(modalities)}",
+            row=row,
+            column="modality",
         )
     static = next((m for m in manifest["modalities"] if m["kind"] == "static"), None)
-    ids = pd.unique(records["stay_id"].astype(str))
+    is_static = (
+        (records["modality"] == static["name"]).to_numpy()
+        if static
+        else np.zeros(len(records), bool)
+    )
+    ids = pd.unique(records["stay_id"])
     stays = pd.DataFrame({"stay_id": ids, "split": "test"})
     for task in manifest["tasks"]:
         stays[task["column"]] = None
     if static is not None:
-        rows = records[records["modality"] == static["name"]]
-        wide = rows.pivot_table(
-            index="stay_id", columns="variable", values="value", aggfunc="first"
-        )
+        rows = records[is_static]
+        unknown_var = ~rows["variable"].isin(static["variables"])
+        if unknown_var.any():
+            i = int(rows.index[_first(unknown_var)])
+            raise _bad(
+                f"unknown variable '{records['variable'].iloc[i]}' for modality "
+                f"'{static['name']}' (not in the manifest)",
+                row=i,
+                column="variable",
+            )
+        values = rows["value"].to_numpy()
+        if not np.isfinite(values).all():
+            i = int(rows.index[_first(~np.isfinite(values))])
+            raise _bad(
+                f"static value is not finite ({records['value'].iloc[i]})", row=i, column="value"
+            )
+        twice = rows.duplicated(["stay_id", "variable"])
+        if twice.any():
+            i = int(rows.index[_first(twice)])
+            sid, var = records["stay_id"].iloc[i], records["variable"].iloc[i]
+            same = (rows["stay_id"] == sid) & (rows["variable"] == var)
+            raise _bad(
+                f"stay '{sid}' has static variable '{var}' twice "
+                f"(first at row {int(rows.index[_first(same)])})",
+                row=i,
+                column="variable",
+            )
+        wide = rows.pivot(index="stay_id", columns="variable", values="value")
+        wide = wide.reindex(columns=static["variables"])  # absent variables: all missing
         for v in static["variables"]:
-            col = wide[v] if v in wide.columns else pd.Series(dtype="float32")
-            stays[v] = stays["stay_id"].map(col).astype("float32")
-    events = records[records["modality"] != (static["name"] if static else None)][
-        list(RECORD_COLUMNS)
-    ]
-    events = events.astype({"stay_id": str, "time_h": "float32", "value": "float32"})
-    return pa.Table.from_pandas(stays, preserve_index=False), pa.Table.from_pandas(
-        events, preserve_index=False
+            stays[v] = stays["stay_id"].map(wide[v]).astype("float32")
+    event_rows = np.flatnonzero(~is_static)
+    events = records.iloc[event_rows][list(RECORD_COLUMNS)].astype(
+        {"stay_id": str, "modality": str, "variable": str, "time_h": "float32", "value": "float32"}
+    )
+    return (
+        pa.Table.from_pandas(stays, preserve_index=False),
+        pa.Table.from_pandas(events, preserve_index=False),
+        event_rows,
     )
 
 
 class FuseMoEPyfunc(mlflow.pyfunc.PythonModel):
-    """Probabilities (binary tasks) or values (regression) per stay, from raw records."""
+    """Per stay, from raw records: the columns of fusemoe.train.predictions_table (probabilities,
+    values, per-class/per-label probabilities and the predicted class)."""
 
     def load_context(self, context) -> None:
         from fusemoe.train import load_model
@@ -87,20 +161,29 @@ class FuseMoEPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def score_records(model, spec, manifest: dict, records: pd.DataFrame) -> pd.DataFrame:
+    """Predictions for every stay of `records`; any bad input or non-finite output is a
+    RecordsError (one line naming the records row/column or the stay), never a partial answer."""
     import torch
     from torch.utils.data import DataLoader
 
     from fusemoe.data.dataset import FlexiModalDataset, collate
     from fusemoe.data.flexi import FlexiModalError
-    from fusemoe.train import predict, predictions_table
+    from fusemoe.train import NonFinitePrediction, predict, predictions_table
 
-    stays, events = records_to_tables(records, manifest)
+    if not isinstance(records, pd.DataFrame):
+        raise RecordsError(f"records: expected a pandas DataFrame, got {type(records).__name__}")
+    stays, events, event_rows = records_to_tables(records, manifest)
     try:
         ds = FlexiModalDataset.from_tables(stays, events, manifest)
-    except FlexiModalError as e:
-        raise RecordsError(str(e)) from None
+    except FlexiModalError as e:  # event rows renumbered as rows of the user's records
+        on_event = e.row is not None and e.column is not None and e.file == "records"
+        row = int(event_rows[e.row]) if on_event else None
+        raise _bad(e.problem, row=row, column=e.column) from None
     pred = predict(model, DataLoader(ds, batch_size=256, collate_fn=collate), torch.device("cpu"))
-    return predictions_table(pred, spec)
+    try:
+        return predictions_table(pred, spec)
+    except NonFinitePrediction as e:
+        raise RecordsError(f"records: {e}") from None
 
 
 def example_records(data_dir: Path, n_stays: int = 2) -> pd.DataFrame:

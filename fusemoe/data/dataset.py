@@ -180,7 +180,9 @@ class FlexiModalDataset(Dataset):
         for m in series_modalities(manifest):
             name, variables = m["name"], m["variables"]
             sel = keep & (mod_codes == (mod_dict.index(name) if name in mod_dict else -1))
-            vmap = np.array([variables.index(v) if v in variables else -1 for v in var_dict])
+            vmap = np.array(
+                [variables.index(v) if v in variables else -1 for v in var_dict], dtype=np.int64
+            )
             mean, std = norm_arrays(manifest, name)
             self.series[name] = _build_series(
                 n, stay[sel], time[sel], vmap[var_codes[sel]], value[sel], mean, std

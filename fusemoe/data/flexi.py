@@ -63,6 +63,7 @@ class FlexiModalError(ValueError):
             where.append(f"column '{column}'")
         msg = ", ".join(where) + ": " + problem
         super().__init__(" ".join(msg.split()))  # always one line
+        self.file, self.problem, self.row, self.column = str(file), problem, row, column
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -196,6 +197,86 @@ def _check_finite(values: np.ndarray, file: str, column: str, what: str = "value
     if bad.any():
         i = _first(bad)
         raise FlexiModalError(file, f"{what} is not finite ({values[i]})", row=i, column=column)
+
+
+# Lossless casts. Users' pandas frames hold int64 labels and float64 times/values; prepare stores
+# the schema's narrow types when no value changes beyond float32 rounding (and says so in the
+# manifest's `casts`). A value is castable to an integer type when it is integral and in range, to
+# float32 when it stays finite and within float32's relative rounding error 2**-24 (half a unit in
+# the last place), i.e. 0 or inside float32's normal range; NaN/inf pass through to the validator.
+FLOAT32_ROUNDING = 2.0**-24
+
+
+def lossy_values(arr: pa.Array, target: pa.DataType) -> np.ndarray | None:
+    """Mask of the values of a numeric (or boolean, or all-null) array that a cast to the numeric
+    `target` would change beyond the rule above; None when it is no numeric cast at all."""
+    numeric = pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
+    if pa.types.is_null(arr.type):
+        return np.zeros(len(arr), dtype=bool)
+    if not (numeric or pa.types.is_boolean(arr.type)):
+        return None
+    if not (pa.types.is_integer(target) or pa.types.is_floating(target)):
+        return None
+    valid = pc.is_valid(arr).to_numpy(zero_copy_only=False)
+    v = arr.cast(pa.float64()).fill_null(0).to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(target):
+        info = np.iinfo(target.to_pandas_dtype())
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(v) | (v != np.round(v)) | (v < info.min) | (v > info.max)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            v32 = v.astype(target.to_pandas_dtype()).astype(np.float64)
+            err = np.abs(v32 - v)
+        bad = np.isfinite(v) & (~np.isfinite(v32) | (err > np.abs(v) * FLOAT32_ROUNDING))
+    return bad & valid
+
+
+def cast_losslessly(
+    col: pa.ChunkedArray | pa.Array, target: pa.DataType, file: str, column: str
+) -> pa.Array | None:
+    """`col` cast to `target` (lists element-wise), or None when it is no numeric cast (the
+    validator then reports the wrong type); a lossy value is a FlexiModalError naming its row."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    is_list = pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
+    if pa.types.is_list(target) and is_list:
+        bad = lossy_values(arr.flatten(), target.value_type)
+        rows = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        values = arr.flatten()
+    elif not is_list:
+        bad = lossy_values(arr, target)
+        rows = np.arange(len(arr))
+        values = arr
+    else:
+        return None
+    if bad is None:
+        return None
+    if bad.any():
+        i = _first(bad)
+        raise FlexiModalError(
+            file,
+            f"value {values[i].as_py()!r} does not fit {target} without loss (column type "
+            f"{arr.type}; only lossless casts are applied)",
+            row=int(rows[i]),
+            column=column,
+        )
+    return arr.cast(target, safe=False)
+
+
+def conform_types(table: pa.Table, schema: pa.Schema, file: str) -> tuple[pa.Table, dict]:
+    """`table` with every numeric column of `schema`'s wrong type cast losslessly to its type;
+    also returns {column: "int64 -> int8"} of the casts made."""
+    casts: dict[str, str] = {}
+    for field in schema:
+        if field.name not in table.column_names:
+            continue
+        col = table.column(field.name)
+        if type_matches(col.type, field.type):
+            continue
+        cast = cast_losslessly(col, field.type, file, field.name)
+        if cast is not None:
+            table = table.set_column(table.column_names.index(field.name), field.name, cast)
+            casts[field.name] = f"{col.type} -> {field.type}"
+    return table, casts
 
 
 def validate(
@@ -335,6 +416,18 @@ def validate_events(
         raise FlexiModalError(
             file, f"stay_id '{sid}' is not in {stays_file}", row=i, column="stay_id"
         )
+    # Two values of one variable at the same time of a stay: the model's input holds one value per
+    # (time, variable), so one of them would silently be lost.
+    i = _first_repeat(pos_np, mod_idx * max(len(var_dict), 1) + var_codes, time)
+    if i is not None:
+        raise FlexiModalError(
+            file,
+            f"stay '{events.column('stay_id')[i].as_py()}' already has a value of "
+            f"{series[mod_idx[i]]['name']} '{var_dict[var_codes[i]]}' at {time[i]} h "
+            "(one value per variable and time; average or drop repeats)",
+            row=i,
+            column="time_h",
+        )
     has_events = np.bincount(pos_np, minlength=stays.num_rows) > 0
     has_static = np.zeros(stays.num_rows, dtype=bool)
     for v in static_variables(manifest):
@@ -348,6 +441,29 @@ def validate_events(
             f"stay '{sid}' has no observations at all (no events, no static values)",
             row=i,
         )
+
+
+def _first_repeat(stay: np.ndarray, variable: np.ndarray, time: np.ndarray) -> int | None:
+    """The first row (in table order) whose (stay, variable, time) occurs in an earlier row.
+
+    One int64 key (stay | variable | float32 time bits), sorted: about a second for P12's 5M
+    events, where a 3-key lexsort takes tens of seconds."""
+    if len(stay) < 2:
+        return None
+    var_bits = max(int(variable.max()), 1).bit_length()
+    if int(stay.max()).bit_length() + var_bits + 32 > 63:  # too many stays/variables for one key
+        order = np.lexsort((time, variable, stay))
+        keys = [k[order] for k in (stay, variable, time)]
+        same = np.logical_and.reduce([k[1:] == k[:-1] for k in keys])
+    else:
+        key = (stay.astype(np.int64) << (var_bits + 32)) | (variable.astype(np.int64) << 32)
+        key |= np.ascontiguousarray(time, dtype=np.float32).view(np.uint32).astype(np.int64)
+        ordered = np.sort(key)  # (np.unique is far slower on millions of int64 keys)
+        if not (ordered[1:] == ordered[:-1]).any():
+            return None
+        order = np.argsort(key, kind="stable")
+        same = key[order[1:]] == key[order[:-1]]
+    return int(order[1:][same].min()) if same.any() else None
 
 
 def read_tables(directory: str | os.PathLike) -> tuple[pa.Table, pa.Table]:
@@ -520,7 +636,8 @@ def write_flexi(
     *,
     names: tuple[str, str] = ("stays (to write)", "events (to write)"),
 ) -> dict:
-    """Validate, complete the manifest (train-only norm etc.) and write atomically; returns it.
+    """Cast losslessly, validate, complete the manifest (train-only norm etc.) and write
+    atomically; returns the manifest.
 
     `names` label the tables in error messages (e.g. the user's file paths). Output goes to a
     temp dir beside the target, which then replaces the target by rename, so a failure at any
@@ -531,6 +648,12 @@ def write_flexi(
     manifest["schema_version"] = SCHEMA_VERSION
     manifest.setdefault("source", "unknown")
     manifest.setdefault("source_hashes", {})
+    check_manifest(manifest)
+    stays, stays_casts = conform_types(stays, stays_schema(manifest), names[0])
+    events, events_casts = conform_types(events, EVENTS_SCHEMA, names[1])
+    casts = {STAYS_FILE: stays_casts, EVENTS_FILE: events_casts}
+    if any(casts.values()):  # recorded only when made, so exact-typed sources are unchanged
+        manifest["casts"] = {k: v for k, v in casts.items() if v}
     validate(stays, events, manifest, stays_file=names[0], events_file=names[1])
     stays = _normalise_stays(stays, manifest)
     events = _normalise_events(events)

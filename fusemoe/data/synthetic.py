@@ -5,7 +5,9 @@ z_vitals and labs variable `Lactate` tracks z_labs (other variables are noise or
 The binary task `ihm` is `z_vitals * z_labs > 0` (XOR of the two signs) with 5% label noise:
 given only one of the two modalities the label is at chance (AUROC 0.5), so learning it proves
 cross-modal fusion. `los_days` (regression) and `los_gt7` depend on z_vitals and the static
-`Age`. Modalities go missing per stay with a controllable probability; observation times are
+`Age`. `acuity` (multiclass, 4 classes) is the quadrant of (z_vitals, z_labs) and `phenotype`
+(multilabel, 3 labels) is [z_vitals > 0.5, z_labs > 0.5, Age above 65], each with 5% noise, so
+every task kind of the format has a learnable synthetic label. Modalities go missing per stay with a controllable probability; observation times are
 irregular (uniform over 48 h) and each variable is observed at a random subset of them.
 """
 
@@ -51,7 +53,9 @@ STATIC = ["Age", "Sex", "BMI"]
 DEFAULT_MISSINGNESS = {"vitals": 0.05, "labs": 0.2, "respiratory": 0.5}
 GROUND_TRUTH = (
     "ihm = 1[z_vitals * z_labs > 0] with 5% flipped; HR = 85 + 12 z_vitals + noise; "
-    "Lactate = 2 + 0.8 z_labs + noise; los_days = exp(1.9 + 0.3 z_vitals + 0.2 age_z + 0.2 noise)"
+    "Lactate = 2 + 0.8 z_labs + noise; los_days = exp(1.9 + 0.3 z_vitals + 0.2 age_z + 0.2 noise); "
+    "acuity = 2 * 1[z_vitals > 0] + 1[z_labs > 0] (5% random class); "
+    "phenotype = [z_vitals > 0.5, z_labs > 0.5, age_z > 0] (5% flipped each)"
 )
 
 
@@ -89,6 +93,15 @@ def generate_synthetic(
             ),
         }
     )
+    # The multiclass and multilabel labels draw from their own stream, so adding them changed
+    # none of the other columns or events of a given seed.
+    extra = np.random.default_rng([seed, 1])
+    acuity = 2 * (z_v > 0) + (z_l > 0)
+    noisy = extra.random(n) < 0.05
+    acuity = np.where(noisy, extra.integers(0, 4, n), acuity).astype(np.int16)
+    phenotype = np.stack([z_v > 0.5, z_l > 0.5, age_z > 0], 1) ^ (extra.random((n, 3)) < 0.05)
+    stays["acuity"] = acuity
+    stays["phenotype"] = list(phenotype.astype(np.int8))
     stays.insert(1, "split", assign_splits(stays, split, seed, "ihm"))
 
     stay_idx, mod_idx, var_idx, times, values = [], [], [], [], []
@@ -119,6 +132,10 @@ def generate_synthetic(
         }
     )
     events = events.sort_values(["stay_id", "modality", "time_h"], kind="stable", ignore_index=True)
+    # Times rounded to 0.001 h can coincide; keep one value per (stay, variable, time): the last,
+    # which is the one a dataset built from the repeated rows used.
+    key = ["stay_id", "modality", "variable", "time_h"]
+    events = events.drop_duplicates(key, keep="last", ignore_index=True)
     manifest = {
         "source": "synthetic",
         "source_hashes": {},
@@ -145,6 +162,8 @@ def generate_synthetic(
                 "threshold_days": los_threshold_days,
             },
             {"name": "los_days", "kind": "regression", "column": "los_days", "num_outputs": 1},
+            {"name": "acuity", "kind": "multiclass", "column": "acuity", "num_outputs": 4},
+            {"name": "phenotype", "kind": "multilabel", "column": "phenotype", "num_outputs": 3},
         ],
     }
     return stays, events, manifest

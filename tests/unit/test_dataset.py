@@ -137,7 +137,11 @@ def test_collate_shapes_on_synthetic_batch(syn):
         rows_real = torch.arange(batch["series"][name]["mask"].shape[1])[None] < lengths[:, None]
         assert torch.equal(batch["series"][name]["mask"].sum(-1) > 0, rows_real)
     assert batch["static"]["values"].shape == (16, spec.static_dim)
-    assert set(batch["labels"]) == {"ihm", "los_gt7", "los_days"}
+    assert set(batch["labels"]) == {"ihm", "los_gt7", "los_days", "acuity", "phenotype"}
+    assert batch["labels"]["acuity"].shape == (16,) and batch["labels"]["phenotype"].shape == (
+        16,
+        3,
+    )
 
 
 def test_dataset_is_deterministic_across_instances(syn):
@@ -166,6 +170,8 @@ def test_dataset_spec_lists_series_widths_static_dim_and_tasks(syn):
         ("ihm", "binary", 1),
         ("los_gt7", "binary", 1),
         ("los_days", "regression", 1),
+        ("acuity", "multiclass", 4),
+        ("phenotype", "multilabel", 3),
     ]
 
 

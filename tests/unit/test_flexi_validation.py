@@ -254,3 +254,122 @@ def test_assign_splits_is_stratified_seeded_and_follows_fractions():
 def test_assign_splits_rejects_fractions_not_summing_to_one():
     with pytest.raises(ValueError, match=re.escape("sum")):
         assign_splits(pd.DataFrame({"y": [0, 1]}), (0.5, 0.2, 0.2), seed=0)
+
+
+# ----------------------------------------------------------------------------- lossless casts
+
+
+def _pandas_defaults() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tables as users' pandas code makes them: int64 labels, float64 everything else."""
+    stays = _stays(
+        ihm=np.array([0, 1, 0, 1], np.int64),
+        los_days=np.array([3.0, np.nan, 4.0, 8.1]),
+        Age=np.array([50.5, 60.0, np.nan, 70.0]),
+    )
+    events = _events(
+        time_h=np.array([0.0, 0.5, 1.1, 2.0, 3.0]), value=np.array([80, 37.2, 90, 70, 38])
+    )
+    return stays, events
+
+
+def test_int64_labels_and_float64_values_are_cast_losslessly_and_recorded(tmp_path):
+    stays, events = _pandas_defaults()
+    manifest = write_flexi(tmp_path / "ds", stays, events, MANIFEST)
+    assert manifest["casts"] == {
+        "stays.parquet": {
+            "ihm": "int64 -> int8",
+            "los_days": "double -> float",
+            "Age": "double -> float",
+        },
+        "events.parquet": {"time_h": "double -> float", "value": "double -> float"},
+    }
+    written = pq.read_table(tmp_path / "ds" / "events.parquet")
+    assert written.schema.field("value").type == pa.float32()
+    np.testing.assert_array_equal(
+        written.column("value").to_numpy(), events["value"].astype(np.float32)
+    )
+    assert pq.read_table(tmp_path / "ds" / "stays.parquet").column("los_days").null_count == 1
+
+
+def test_exactly_typed_tables_record_no_casts(tmp_path):
+    assert "casts" not in write_flexi(tmp_path / "ds", _stays(), _events(), MANIFEST)
+
+
+def test_multilabel_int64_lists_are_cast_to_int8_lists(tmp_path):
+    manifest = json.loads(json.dumps(MANIFEST))
+    manifest["tasks"].append({"name": "ph", "kind": "multilabel", "num_outputs": 2})
+    stays = _stays()
+    stays["ph"] = [[0, 1], None, [1, 1], [0, 0]]  # pandas: lists of Python ints (int64)
+    out = write_flexi(tmp_path / "ds", stays, _events(), manifest)
+    assert out["casts"]["stays.parquet"] == {"ph": "list<item: int64> -> list<item: int8>"}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            {"stays": {"ihm": np.array([0, 1, 300, 1], np.int64)}},
+            "stays (to write), row 2, column 'ihm': value 300 does not fit int8 without loss",
+        ),
+        (
+            {"stays": {"ihm": np.array([0, 1, 0.5, 1])}},
+            "stays (to write), row 2, column 'ihm': value 0.5 does not fit int8 without loss",
+        ),
+        (
+            {"events": {"value": np.array([80, 37, 1e39, 70, 38])}},
+            "events (to write), row 2, column 'value': value 1e+39 does not fit float without loss",
+        ),
+        (
+            {"events": {"time_h": np.array([0, 1e-40, 1, 2, 3])}},
+            "events (to write), row 1, column 'time_h': value 1e-40 does not fit float without loss",
+        ),
+    ],
+)
+def test_lossy_casts_are_rejected_naming_row_column_and_value(tmp_path, override, expected):
+    stays, events = _pandas_defaults()
+    for k, v in override.get("stays", {}).items():
+        stays[k] = v
+    for k, v in override.get("events", {}).items():
+        events[k] = v
+    with pytest.raises(FlexiModalError) as info:
+        write_flexi(tmp_path / "ds", stays, events, MANIFEST)
+    assert str(info.value).startswith(expected), str(info.value)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_binary_label_2_in_an_int64_column_is_rejected_by_its_domain(tmp_path):
+    stays, events = _pandas_defaults()
+    stays["ihm"] = np.array([0, 2, 0, 1], np.int64)
+    with pytest.raises(
+        FlexiModalError, match="row 1, column 'ihm': label 2 of task 'ihm' is outside"
+    ):
+        write_flexi(tmp_path / "ds", stays, events, MANIFEST)
+
+
+def test_prepare_accepts_a_users_pandas_parquet_files_and_says_so_in_the_manifest(tmp_path):
+    from pipelines.prepare import prepare
+
+    src = tmp_path / "mine"
+    src.mkdir()
+    stays, events = _pandas_defaults()
+    stays.to_parquet(src / "stays.parquet")
+    events.astype({"modality": str, "variable": str}).to_parquet(src / "events.parquet")
+    (src / "manifest.json").write_text(json.dumps(MANIFEST))
+    manifest = prepare({"source": "flexi", "flexi_dir": str(src), "out_dir": str(tmp_path / "out")})
+    assert manifest["casts"]["stays.parquet"]["ihm"] == "int64 -> int8"
+    assert manifest["casts"]["events.parquet"]["time_h"] == "double -> float"
+
+
+def test_two_values_of_one_variable_at_the_same_time_are_rejected():
+    events = _events(time_h=np.array([0.0, 0.5, 1.0, 2.0, 3.0], np.float32))
+    events = pd.concat([events, events.iloc[[2]].assign(value=np.float32(95))], ignore_index=True)
+    msg = _error(_stays(), events)
+    assert msg == (
+        "events.parquet, row 5, column 'time_h': stay 'b' already has a value of vitals 'HR' at"
+        " 1.0 h (one value per variable and time; average or drop repeats)"
+    )
+
+
+def test_same_time_different_variables_or_stays_are_not_repeats():
+    events = _events(time_h=np.array([1.0, 1.0, 1.0, 1.0, 1.0], np.float32))
+    _check(_stays(), events)

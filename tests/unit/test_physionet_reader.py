@@ -344,14 +344,14 @@ def test_prepare_flexi_source_validates_user_files_and_assigns_missing_splits(tm
     assert manifest["counts"]["splits"] == {"train": 160, "val": 20, "test": 20}
 
     events = pq.read_table(tmp_path / "mine" / "events.parquet")
-    events = events.set_column(4, "value", events.column("value").cast(pa.float64()))
+    events = events.set_column(4, "value", events.column("value").cast(pa.string()))
     pq.write_table(events, tmp_path / "mine" / "events.parquet")
     assert prepare_main(["--params", str(params)]) == 1
     err = capsys.readouterr().err
     assert err == (
-        f"error: {tmp_path / 'mine' / 'events.parquet'}, column 'value': wrong type double, "
+        f"error: {tmp_path / 'mine' / 'events.parquet'}, column 'value': wrong type string, "
         "expected float\n"
-    )
+    )  # (float64 would be cast losslessly: tests/unit/test_flexi_validation.py)
     assert validate_dir(tmp_path / "out")["counts"]["stays"] == 200  # old output untouched
 
 

@@ -53,3 +53,17 @@ def test_written_synthetic_dataset_passes_strict_validation(tmp_path):
     assert manifest["counts"]["stays"] == 300
     assert sum(manifest["counts"]["splits"].values()) == 300
     assert set(manifest["norm"]) == {"vitals", "labs", "respiratory", "static"}
+
+
+def test_multiclass_and_multilabel_labels_follow_the_latents_and_leave_the_rest_alone():
+    stays, events, manifest = generate_synthetic(num_stays=4000, seed=1, missingness={"labs": 0.0})
+    kinds = {t["name"]: (t["kind"], t["num_outputs"]) for t in manifest["tasks"]}
+    assert kinds["acuity"] == ("multiclass", 4) and kinds["phenotype"] == ("multilabel", 3)
+    hr = _per_stay_mean(events, "HR") - 85.0
+    lac = _per_stay_mean(events, "Lactate") - 2.0
+    both = stays.set_index("stay_id").join(hr.rename("hr")).join(lac.rename("lac")).dropna()
+    quadrant = 2 * (both["hr"] > 0) + (both["lac"] > 0)
+    assert (quadrant == both["acuity"]).mean() > 0.85
+    pheno = np.stack(both["phenotype"].to_numpy())
+    assert pheno.shape[1] == 3 and set(np.unique(pheno)) == {0, 1}
+    assert (pheno[:, 0] == (both["hr"] > 6.0)).mean() > 0.85  # z_vitals > 0.5 <=> HR > 85 + 6
