@@ -101,6 +101,7 @@ def run_metric(client, run_id: str, key: str) -> float | None:
 def rescore(name: str, version: str, metric: str, data_dir: Path) -> float:
     """`metric` of registered `version` on the validation split of `data_dir`, computed from its
     packaged weights and manifest with the same metric functions as training and evaluate."""
+    import mlflow
     import pyarrow.parquet as pq
     import torch
     from mlflow.exceptions import MlflowException
@@ -112,8 +113,6 @@ def rescore(name: str, version: str, metric: str, data_dir: Path) -> float:
 
     if not metric.startswith(EVAL_PREFIX + "val_"):
         raise RescoreError(f"only validation metrics (eval_val_*) can be re-scored, not {metric}")
-    import mlflow
-
     try:
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model()
     except (MlflowException, OSError, ImportError, AttributeError) as e:
