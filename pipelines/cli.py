@@ -53,13 +53,29 @@ def cmd_predict(args, params: dict) -> None:
     print(f"predict: {len(out)} stays scored with {uri} -> {dst}")
 
 
+def _version(client, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException:
+        sys.exit(f"error: registered model {name} has no version {version}")
+
+
 def cmd_promote(args, params: dict) -> None:
     from pipelines.register import promote
 
     cfg = params["registry"]
     client = _client(params)
+    _version(client, cfg["model_name"], str(args.version))
     decision = promote(
-        client, cfg["model_name"], str(args.version), cfg["metric"], cfg, force=args.force
+        client,
+        cfg["model_name"],
+        str(args.version),
+        cfg["metric"],
+        cfg,
+        force=args.force,
+        data_dir=Path(params["data"]["out_dir"]),
     )
     print(
         f"promote: version {args.version} -> {'champion' if decision.promote else 'unchanged'}: "
@@ -72,13 +88,17 @@ def cmd_promote(args, params: dict) -> None:
 def cmd_rollback(args, params: dict) -> None:
     from mlflow.exceptions import MlflowException
 
+    from pipelines.register import champion
+
     name = params["registry"]["model_name"]
     client = _client(params)
+    current = champion(client, name)
+    if current is None:
+        sys.exit(f"error: {name} has no champion to roll back")
     try:
         previous = client.get_model_version_by_alias(name, "previous_champion")
     except MlflowException:
         sys.exit(f"error: {name} has no previous_champion to roll back to")
-    current = client.get_model_version_by_alias(name, "champion")
     client.set_registered_model_alias(name, "champion", previous.version)
     client.set_registered_model_alias(name, "previous_champion", current.version)
     client.set_model_version_tag(
@@ -103,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("rollback", help="make the previous champion the champion again")
     p.set_defaults(fn=cmd_rollback)
     args = parser.parse_args(argv)
-    args.fn(args, load_params(args.params, ("mlflow", "registry")))
+    args.fn(args, load_params(args.params, ("data", "mlflow", "registry")))
 
 
 if __name__ == "__main__":

@@ -212,7 +212,11 @@ def example_records(data_dir: Path, n_stays: int = 2) -> pd.DataFrame:
 
 
 def log_pyfunc_model(run_id: str, data_dir: Path, model_dir: Path = Path("models/train")) -> str:
-    """Logs the pyfunc (weights, config, manifest, signature, input example) to `run_id`."""
+    """Logs the pyfunc (weights, config, manifest, signature, input example) to `run_id`.
+
+    The code it runs (the `fusemoe` and `pipelines` packages) travels in the model as MLflow
+    `code_paths`, and its pip requirements pin what that code imports, so it loads and predicts
+    where this project is not installed."""
     from mlflow.models import infer_signature
 
     example = example_records(data_dir)
@@ -234,17 +238,38 @@ def log_pyfunc_model(run_id: str, data_dir: Path, model_dir: Path = Path("models
                 name="model",
                 python_model=FuseMoEPyfunc(),
                 artifacts=artifacts,
+                code_paths=code_paths(),
                 signature=signature,
                 input_example=example,
-                pip_requirements=_requirements(),
+                pip_requirements=requirements(),
             )
     return info.model_uri
 
 
-def _requirements() -> list[str]:
+# What the packaged code imports (fusemoe: torch, numpy, pandas, pyarrow, scikit-learn; the pyfunc
+# itself: mlflow, which unpickles it with cloudpickle).
+RUNTIME_PACKAGES = ("torch", "numpy", "pandas", "pyarrow", "scikit-learn", "mlflow", "cloudpickle")
+LOCK_FILE = Path(__file__).resolve().parents[1] / "requirements.lock"
+
+
+def code_paths() -> list[str]:
+    """The packages the pyfunc imports: `fusemoe` (model, data, metrics) and `pipelines` (this
+    module, where the pickled python model's class lives). MLflow copies them without caches."""
+    import fusemoe
+
+    return [str(Path(fusemoe.__file__).parent), str(Path(__file__).parent)]
+
+
+def requirements(lock: Path = LOCK_FILE) -> list[str]:
+    """`RUNTIME_PACKAGES` pinned as in requirements.lock (the installed version where there is
+    no lock). A local version label such as torch's `+cpu` is dropped: it names the build
+    (CPU or CUDA wheel index) of this machine, not the API the model needs."""
     from importlib.metadata import version
 
-    return [
-        f"{p}=={version(p)}"
-        for p in ("torch", "numpy", "pandas", "pyarrow", "scikit-learn", "mlflow", "pyyaml")
-    ]
+    pins = {}
+    if lock.is_file():
+        for line in lock.read_text().splitlines():
+            name, sep, pin = line.partition("==")
+            if sep and not line.startswith((" ", "#")):
+                pins[name.strip().lower()] = pin.strip().split("+")[0]
+    return [f"{p}=={pins.get(p) or version(p).split('+')[0]}" for p in RUNTIME_PACKAGES]
