@@ -6,6 +6,8 @@ shares it; teardown kills every process it started.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 START_TIMEOUT_S = 600
@@ -15,6 +17,9 @@ START_TIMEOUT_S = 600
 def local_cluster(tmp_path_factory):
     from ray_jobs.local_cluster import LocalCluster
 
+    if os.environ.get("FUSEMOE_TEST_CLUSTER"):  # a cluster from `up --dir DIR`, kept (development)
+        yield LocalCluster.load(os.environ["FUSEMOE_TEST_CLUSTER"])
+        return
     cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), start_timeout_s=START_TIMEOUT_S)
     with cluster:
         yield cluster

@@ -68,7 +68,7 @@ def test_an_unauthenticated_tracking_client_is_refused(tracking):
 
 def test_a_reader_cannot_register_a_model_or_move_an_alias(tracking):
     import mlflow
-    from mlflow.exceptions import RestException
+    from mlflow.exceptions import MlflowException
 
     name = f"it-model-{uuid.uuid4().hex[:6]}"
     with mlflow_user(PIPELINE_USER, tracking.secret("pipeline_password")):
@@ -87,7 +87,7 @@ def test_a_reader_cannot_register_a_model_or_move_an_alias(tracking):
             "register a model": lambda: client.create_registered_model(f"{name}-by-reader"),
         }
         for what, attempt in attempts.items():
-            with pytest.raises(RestException) as refused:
+            with pytest.raises(MlflowException) as refused:
                 attempt()
             assert refused.value.get_http_status_code() == 403, what
 
