@@ -43,6 +43,7 @@ ADMIN_USER = "admin"
 REGION = "us-east-1"
 # moto accepts any key pair; these are what the nodes, MLflow and DVC are given.
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+NODE_START_ATTEMPTS = 3
 SECRET_NAMES = ("admin_password", "pipeline_password", "flask_secret_key")
 
 
@@ -528,8 +529,20 @@ def serve_node(spec: dict) -> None:
     }
     if not head:
         defaults |= {"include_log_monitor": False, "node_manager_port": 0}
-    params = ray._private.parameter.RayParams(**(defaults | spec))
-    node = ray._private.node.Node(params, head=head, shutdown_at_exit=True, spawn_reaper=True)
+    for attempt in range(NODE_START_ATTEMPTS):
+        params = ray._private.parameter.RayParams(**(defaults | spec))
+        try:
+            node = ray._private.node.Node(
+                params, head=head, shutdown_at_exit=True, spawn_reaper=True
+            )
+            break
+        except Exception:
+            # Ray gives a raylet 30 s to register, which a busy 2-core machine can exceed.
+            if attempt + 1 == NODE_START_ATTEMPTS:
+                raise
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+            print(f"node start-up timed out; retrying ({attempt + 2}/{NODE_START_ATTEMPTS})")
 
     def stop(*_) -> None:
         node.kill_all_processes(check_alive=False, allow_graceful=True)
