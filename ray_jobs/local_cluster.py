@@ -255,6 +255,8 @@ class LocalCluster:
     def _base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         env.pop("AWS_PROFILE", None)
+        # Job entrypoints (`python -m pipelines.train`, `dvc ...`) find this environment's tools.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return env | {"DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:

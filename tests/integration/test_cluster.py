@@ -227,7 +227,13 @@ def test_the_pipeline_runs_on_the_cluster_with_storage_tracking_and_a_dvc_remote
     assert registry["champion"] is True
     run_json = json.loads((work / "models/train/run.json").read_text())
     assert run_json["ray_checkpoint"].startswith("s3://fusemoe/it/ray/")
-    s3 = pafs.FileSystem.from_uri(run_json["ray_checkpoint"])[0]
+    s3 = pafs.S3FileSystem(
+        endpoint_override=local_cluster.s3_endpoint,
+        scheme="http",
+        region="us-east-1",
+        access_key=env["AWS_ACCESS_KEY_ID"],
+        secret_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
     checkpoint = run_json["ray_checkpoint"].removeprefix("s3://")
     assert s3.get_file_info(checkpoint).type == pafs.FileType.Directory
     data_hash = run_json["data_hash"]
@@ -239,7 +245,12 @@ def test_the_pipeline_runs_on_the_cluster_with_storage_tracking_and_a_dvc_remote
         assert str(champion.version) == registry["version"]
         train_run = client.get_run(run_json["mlflow_run_id"])
         assert len(client.get_metric_history(train_run.info.run_id, "val_auroc_ihm")) == 2
-        assert train_run.info.artifact_uri.startswith("mlflow-artifacts:")
+        artifacts = train_run.info.artifact_uri
+        assert artifacts.startswith("mlflow-artifacts:/")  # proxied by the server...
+    stored = f"fusemoe/mlflow-artifacts/{artifacts.removeprefix('mlflow-artifacts:/')}"
+    assert (
+        s3.get_file_info(f"{stored}/deepspeed_config.json").type == pafs.FileType.File
+    )  # ...to S3
     assert local_cluster.secret("pipeline_password") not in out
 
 
