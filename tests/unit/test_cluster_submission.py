@@ -29,6 +29,32 @@ def test_an_empty_command_is_refused():
         entrypoint([])
 
 
+def test_submission_never_puts_credentials_in_the_job_metadata():
+    env = {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_TRACKING_USERNAME": "pipeline",
+        "MLFLOW_TRACKING_PASSWORD": "s3cret-pw",
+        "MLFLOW_TRACKING_TOKEN": "s3cret-token",
+        "AWS_ACCESS_KEY_ID": "AKIA-s3cret",
+        "AWS_SECRET_ACCESS_KEY": "s3cret-key",
+        "AWS_SESSION_TOKEN": "s3cret-session",
+    }
+    kwargs = submission(["train"], env=env)
+    assert "s3cret" not in repr(kwargs)
+    assert kwargs["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+
+def test_submitting_with_a_local_sqlite_tracking_uri_is_refused_in_one_line(monkeypatch, capsys):
+    from ray_jobs.submit import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--address", "http://127.0.0.1:1", "--", "train"])
+    message = str(exit_info.value)
+    assert message.startswith("error: MLflow tracking URI sqlite:///mlflow.db is a local file")
+    assert "\n" not in message and "MLFLOW_TRACKING_URI" in message
+
+
 def test_submission_uploads_the_project_without_local_state_and_passes_mlflow_through():
     env = {
         "MLFLOW_TRACKING_URI": "http://mlflow:5000",
@@ -48,23 +74,45 @@ def test_submission_uploads_the_project_without_local_state_and_passes_mlflow_th
     assert EXCLUDES is not runtime_env["excludes"]
 
 
-def test_rayjob_manifest_runs_the_train_stage_on_gpu_workers_with_shared_storage():
+def test_rayjob_manifest_runs_the_train_stage_on_gpu_workers_with_credentials_from_secrets():
     job = yaml.safe_load((REPO / "ray_jobs/k8s/rayjob.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
     assert spec["entrypoint"] == "python -m pipelines.train"
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert "env_vars" in spec["runtimeEnvYAML"] and "PASSWORD" not in spec["runtimeEnvYAML"]
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == "2.60.0"
+    assert cluster["authOptions"]["mode"] == "token"  # no unauthenticated dashboard / Jobs API
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     (group,) = cluster["workerGroupSpecs"]
     worker = group["template"]["spec"]["containers"][0]
     for res in ("requests", "limits"):
         assert worker["resources"][res]["nvidia.com/gpu"] == 1
         assert "nvidia.com/gpu" not in head["resources"][res]
+    secret_backed = (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    )
     for container in (head, worker):
         env = {e["name"]: e for e in container["env"]}
-        assert "secretKeyRef" in env["MLFLOW_TRACKING_URI"]["valueFrom"]
-        assert "/mnt/shared" in {m["mountPath"] for m in container["volumeMounts"]}
-    claims = [v for v in group["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
-    assert claims, "workers mount the shared checkpoint volume"
+        for name in secret_backed:
+            assert "secretKeyRef" in env[name]["valueFrom"], name
+            assert "value" not in env[name], name
+    assert "/mnt/shared" in {m["mountPath"] for m in head["volumeMounts"]}  # data.out_dir
+
+
+def test_the_image_installs_exactly_the_lock_file():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "-r requirements.lock" in dockerfile and "FROM python:3.11" in dockerfile
+    lock_torch = next(
+        line
+        for line in (REPO / "requirements.lock").read_text().splitlines()
+        if line.startswith("torch==")
+    )
+    assert f"ARG TORCH_PIN={lock_torch}\n" in dockerfile  # the default build changes nothing
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", ".git", ".dvc/config.local", "runs", "data"} <= set(ignored)
