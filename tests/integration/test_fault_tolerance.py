@@ -150,10 +150,16 @@ def two_workers(ray_session, data_dir, tmp_path_factory) -> dict:
     }
 
 
-def two_worker_params(storage: Path, max_failures: int = 1) -> dict:
+def two_worker_params(storage: Path, max_failures: int = 1, ep_size: int = 1) -> dict:
     params = tiny_params(storage, num_workers=2, max_failures=max_failures)
-    params["deepspeed"]["zero_stage"] = 1
+    params["deepspeed"].update(zero_stage=1, ep_size=ep_size)
     return params
+
+
+def model_weights(checkpoint_dir: Path) -> dict:
+    import torch
+
+    return torch.load(checkpoint_dir / "model" / "model.pt", weights_only=True)
 
 
 def learning_curve(history: list[dict]) -> list[tuple]:
@@ -229,3 +235,34 @@ def test_two_workers_merge_every_ranks_checkpoint_and_only_rank_0_logs_to_mlflow
     for name in ("train_loss", "val_auroc_ihm"):
         steps = [m.step for m in client.get_metric_history(run_id, name)]
         assert sorted(steps) == list(range(1, EPOCHS + 1)), f"{name} logged once per epoch"
+
+
+def test_an_expert_parallel_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(
+    ray_session, data_dir, tmp_path
+):
+    """EP=2 over 2 workers: each rank checkpoints only its own experts (one DeepSpeed file per
+    expert) and the restarted group loads them back."""
+    import torch
+
+    from ray_jobs.train import run_training
+
+    whole_dir, whole_metrics, whole = run_training(
+        two_worker_params(tmp_path / "whole", ep_size=2), data_dir, "ep2-whole"
+    )
+    events = tmp_path / "events.jsonl"
+    crash = recording_train(events, crash_after_epoch=1, marker=tmp_path / "crashed")
+    best_dir, best_metrics, history = run_training(
+        two_worker_params(tmp_path / "crash", ep_size=2), data_dir, "ep2-crash", train_fn=crash
+    )
+
+    starts = [(e["rank"], e["restored_after_epoch"]) for e in read_events(events) if e.get("start")]
+    assert Counter(starts) == Counter([(0, None), (1, None), (0, 1), (1, 1)])
+    expert_files = {p.name for p in best_dir.glob("ckpt/layer_0_expert_*_model_states.pt")}
+    assert len(expert_files) == 4, sorted(expert_files)  # num_experts=4, two per rank
+    assert learning_curve(history) == pytest.approx(learning_curve(whole))
+    assert best_metrics["epoch"] == whole_metrics["epoch"]
+    want = model_weights(whole_dir)
+    got = model_weights(best_dir)
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, msg=name)
