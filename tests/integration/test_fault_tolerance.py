@@ -8,14 +8,13 @@ what it reported to a JSON-lines event log in tmp_path, which the tests read bac
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
+from training_runs import learning_curve, model_weights, read_events, recording_train
 
 pytestmark = pytest.mark.slow
 
@@ -59,44 +58,6 @@ def tiny_params(storage: Path, num_workers: int = 1, max_failures: int = 1) -> d
     )
     params["mlflow"]["system_metrics"] = False
     return params
-
-
-def recording_train(events: Path, crash_after_epoch: int = 0, marker: Path | None = None):
-    """fusemoe.train.train that logs restores/reports to `events` and, once, kills rank 0 after
-    `crash_after_epoch`'s checkpoint is registered (0 = never)."""
-
-    def train_fn(cfg: dict, report, restore_dir: Path | None = None) -> dict:
-        import ray.train
-
-        from fusemoe import train as fusemoe_train
-
-        rank = ray.train.get_context().get_world_rank()
-
-        def log(**event) -> None:
-            with events.open("a") as f:
-                f.write(json.dumps({"rank": rank, "t": time.time(), **event}) + "\n")
-
-        restored = None
-        if restore_dir is not None:
-            restored = json.loads((restore_dir / fusemoe_train.STATE_FILE).read_text())["epoch"] + 1
-        log(start=True, restored_after_epoch=restored)
-
-        def reporting(metrics: dict, checkpoint_dir: Path) -> None:
-            report(metrics, checkpoint_dir)
-            log(reported_epoch=int(metrics["epoch"]))
-            if rank == 0 and metrics["epoch"] == crash_after_epoch and not marker.exists():
-                # Wait until the controller has registered this checkpoint, then die hard.
-                ray.train.get_all_reported_checkpoints()
-                marker.touch()
-                os._exit(1)
-
-        return fusemoe_train.train(cfg, reporting, restore_dir)
-
-    return train_fn
-
-
-def read_events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -154,20 +115,6 @@ def two_worker_params(storage: Path, max_failures: int = 1, ep_size: int = 1) ->
     params = tiny_params(storage, num_workers=2, max_failures=max_failures)
     params["deepspeed"].update(zero_stage=1, ep_size=ep_size)
     return params
-
-
-def model_weights(checkpoint_dir: Path) -> dict:
-    import torch
-
-    return torch.load(checkpoint_dir / "model" / "model.pt", weights_only=True)
-
-
-def learning_curve(history: list[dict]) -> list[tuple]:
-    """What training produced per epoch, without the wall-clock fields."""
-    return [
-        (h["epoch"], h["lr"], h["train_loss"], h["val_auroc_ihm"], h["val_brier_ihm"])
-        for h in history
-    ]
 
 
 def test_a_killed_worker_is_restarted_and_resumes_to_the_uninterrupted_result(
