@@ -348,8 +348,10 @@ def run_search(
     base["data_dir"], base["experiment"] = str(Path(data_dir).resolve()), name
     workers = int(tp.get("trial_workers", 1))
     if workers > 1:  # the trial only drives a TorchTrainer whose workers hold the CPUs
-        resources = {"CPU": 0.01}
-        _check_capacity(workers * float(params["ray"].get("cpus_per_worker", 1)) + 0.01)
+        resources = _driver_trial_resources()
+        _check_capacity(
+            workers * float(params["ray"].get("cpus_per_worker", 1)) + resources.get("CPU", 0.0)
+        )
     else:
         resources = {"CPU": float(tp.get("cpus_per_trial", 1))}
         if params["ray"].get("use_gpu", False):
@@ -420,6 +422,23 @@ def run_search(
     return SearchResult(trials=rows, best=best, wall_s=wall, experiment_dir=path, counts=counts)
 
 
+DRIVER_RESOURCE = "TRAIN_DRIVER"
+
+
+def _driver_trial_resources() -> dict[str, float]:
+    """What a trial that only drives a TorchTrainer reserves (Ray 2.60 refuses ``{"CPU": 0}``).
+
+    On a cluster whose head offers the custom ``TRAIN_DRIVER`` resource (and no CPUs), the trial,
+    and with it its Train controller, runs on the head and leaves every worker CPU to the
+    trainers; elsewhere it takes a hundredth of a CPU.
+    """
+    import ray
+
+    if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
+        return {DRIVER_RESOURCE: 0.01}
+    return {"CPU": 0.01}
+
+
 def _check_capacity(cpus: float) -> None:
     """A trial that can never be scheduled would leave Tune waiting forever: fail instead."""
     import ray
@@ -427,8 +446,9 @@ def _check_capacity(cpus: float) -> None:
     total = float(ray.cluster_resources().get("CPU", 0))
     if cpus > total:
         raise ValueError(
-            f"a TorchTrainer trial needs {cpus:g} CPUs (tune.trial_workers x ray.cpus_per_worker "
-            f"+ 0.01 for the trial) but Ray has {total:g}; lower ray.cpus_per_worker or raise ray.num_cpus"
+            f"a TorchTrainer trial needs {cpus:g} CPUs (tune.trial_workers x ray.cpus_per_worker, "
+            f"+ 0.01 for the trial without a {DRIVER_RESOURCE} resource) but Ray has {total:g}; "
+            "lower ray.cpus_per_worker or raise ray.num_cpus"
         )
 
 
