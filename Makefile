@@ -14,7 +14,7 @@ export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING ?= false
 
-.PHONY: install test test-fast repro lint format lock clean
+.PHONY: install test test-fast repro lint format lock clean cluster-up cluster-down
 
 install: $(STAMP)
 
@@ -38,6 +38,13 @@ test-fast: install
 repro: install
 	@git rev-parse --git-dir >/dev/null 2>&1 || (git init -q && git add -A && git commit -qm "init")
 	$(BIN)/dvc repro
+
+# A 3-node Ray cluster, moto S3 and an authenticated MLflow server on 127.0.0.1 (README "Scaling out").
+cluster-up: install
+	$(BIN)/python -m ray_jobs.local_cluster up
+
+cluster-down:
+	$(BIN)/python -m ray_jobs.local_cluster down
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
