@@ -33,21 +33,22 @@ from pipelines.common import (
 SECTIONS = ("data", "model", "train", "deepspeed", "ray", "mlflow")
 
 
-def mlflow_run_for(params: dict, run_name: str, data_dir: Path, dhash: str, ray_dir: Path) -> str:
+def mlflow_run_for(params: dict, run_name: str, data_dir: Path, dhash: str, ray_dir: str) -> str:
     """The MLflow run of this Ray run: reused when resuming an unfinished run, created otherwise
     (a finished Ray run is trained afresh, so each training gets its own run and model version)."""
     import mlflow
     import pandas as pd
 
+    from ray_jobs import storage
     from ray_jobs.train import COMPLETE_MARKER
 
     mlflow.set_tracking_uri(tracking_uri(params["mlflow"]))
     mlflow.set_experiment(params["mlflow"]["experiment"])
-    id_file = ray_dir / "mlflow_run_id"
-    if (ray_dir / COMPLETE_MARKER).exists():
-        shutil.rmtree(ray_dir)  # a finished run of this configuration: train it again from scratch
-    if id_file.is_file():
-        return id_file.read_text().strip()
+    id_file = storage.join(ray_dir, "mlflow_run_id")
+    if storage.exists(storage.join(ray_dir, COMPLETE_MARKER)):
+        storage.delete_dir(ray_dir)  # a finished run of this configuration: train it afresh
+    if storage.exists(id_file):
+        return storage.read_text(id_file).strip()
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params(flatten({k: params[k] for k in ("model", "train", "deepspeed", "ray")}))
         mlflow.set_tags(
@@ -67,8 +68,7 @@ def mlflow_run_for(params: dict, run_name: str, data_dir: Path, dhash: str, ray_
         )
         mlflow.log_input(dataset, context="training")
         mlflow.log_dict(json.loads((data_dir / "manifest.json").read_text()), "data/manifest.json")
-    ray_dir.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run.info.run_id)
+    storage.write_text(id_file, run.info.run_id)
     return run.info.run_id
 
 
@@ -76,7 +76,15 @@ def main() -> None:
     args = stage_args(__doc__.splitlines()[0])
     params = apply_best_params(load_params(args.params, SECTIONS))
     from fusemoe.parallel.engine import deepspeed_config
+    from ray_jobs import storage
     from ray_jobs.train import run_training
+
+    try:
+        storage.require_reachable_tracking(
+            tracking_uri(params["mlflow"]), storage.cluster_address(params["ray"])
+        )
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
     data_dir = Path(params["data"]["out_dir"])
     if not (data_dir / "manifest.json").is_file():
@@ -86,7 +94,8 @@ def main() -> None:
         {k: params[k] for k in ("model", "train", "deepspeed")} | {"data": dhash}
     )
     run_name = f"{params['train']['run_name']}-{fingerprint}"
-    ray_dir = Path(params["ray"]["storage_path"]).resolve() / run_name
+    storage_path = storage.resolve(params["ray"]["storage_path"])
+    ray_dir = storage.join(storage_path, run_name)
     run_id = mlflow_run_for(params, run_name, data_dir, dhash, ray_dir)
 
     import mlflow
@@ -102,7 +111,7 @@ def main() -> None:
     t0 = time.perf_counter()
     best_dir, best_metrics, history = run_training(
         params,
-        data_dir,
+        storage.dataset_uri(data_dir, storage_path, dhash),
         run_name,
         mlflow_run_id=run_id,
         tracking_uri=tracking_uri(params["mlflow"]),
@@ -112,10 +121,12 @@ def main() -> None:
     TRAIN_DIR.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".train-", dir=TRAIN_DIR.parent)) / "out"
     shutil.copytree(best_dir / "model", staging)
+    if storage.is_remote(storage_path):
+        shutil.rmtree(best_dir.parent, ignore_errors=True)  # the downloaded checkpoint
     run_info = {
         "mlflow_run_id": run_id,
         "ray_run": run_name,
-        "ray_checkpoint": str(best_dir),
+        "ray_checkpoint": storage.join(ray_dir, best_dir.name),
         "git_sha": git_sha(),
         "data_hash": dhash,
         "best_epoch": int(best_metrics["epoch"]),

@@ -30,17 +30,18 @@ METRICS = Path("metrics/tune.json")
 SECTIONS = ("data", "model", "train", "deepspeed", "ray", "tune", "mlflow")
 
 
-def parent_run(params: dict, name: str, exp_dir: Path, dhash: str) -> str:
+def parent_run(params: dict, name: str, exp_dir: str, dhash: str) -> str:
     """The search's MLflow run: reused when resuming an interrupted search, created otherwise."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(params["mlflow"]))
     experiment = mlflow.set_experiment(params["mlflow"]["experiment"])
+    from ray_jobs import storage
     from ray_jobs.tune import PARENT_RUN_FILE
 
-    id_file = exp_dir / PARENT_RUN_FILE
-    if id_file.is_file():
-        return id_file.read_text().strip()
+    id_file = storage.join(exp_dir, PARENT_RUN_FILE)
+    if storage.exists(id_file):
+        return storage.read_text(id_file).strip()
     client = mlflow.MlflowClient()
     run = client.create_run(
         experiment.experiment_id,
@@ -50,7 +51,7 @@ def parent_run(params: dict, name: str, exp_dir: Path, dhash: str) -> str:
     fixed = {k: params[k] for k in ("model", "train", "tune")}
     for key, value in flatten(fixed).items():
         client.log_param(run.info.run_id, key, str(value)[:500])
-    id_file.write_text(run.info.run_id)
+    storage.write_text(id_file, run.info.run_id)
     return run.info.run_id
 
 
@@ -129,9 +130,12 @@ def run_stage(
     callbacks: tuple = (),
 ) -> dict:
     """Validates the space, runs or resumes the search, writes the outs; returns metrics/tune.json."""
+    from ray_jobs import storage
     from ray_jobs.tune import experiment_dir, run_search, validate_space
 
     validate_space(params["tune"])  # before data hashing, MLflow or Ray
+    uri = tracking_uri(params["mlflow"])
+    storage.require_reachable_tracking(uri, storage.cluster_address(params["ray"]))
     data_dir = Path(params["data"]["out_dir"])
     if not (data_dir / "manifest.json").is_file():
         raise FileNotFoundError(f"{data_dir}/manifest.json not found: run the prepare stage first")
@@ -140,7 +144,8 @@ def run_stage(
     name = f"{params['tune'].get('name', 'fusemoe-tune')}-{config_hash(searched | {'data': dhash})}"
     exp_dir = experiment_dir(params, name)
     run_id = parent_run(params, name, exp_dir, dhash)
-    result = run_search(params, data_dir, name, tracking_uri(params["mlflow"]), run_id, callbacks)
+    data_uri = storage.dataset_uri(data_dir, storage.resolve(params["ray"]["storage_path"]), dhash)
+    result = run_search(params, data_uri, name, uri, run_id, callbacks)
 
     metric = params["train"]["primary_metric"]
     best = result.best

@@ -2,6 +2,7 @@
 
     python -m ray_jobs.local_cluster up      # moto S3, MLflow (basic auth), Ray head + 2 workers
     eval "$(python -m ray_jobs.local_cluster env)"   # RAY_ADDRESS, MLFLOW_*, AWS_* for this shell
+    python -m ray_jobs.local_cluster dvc-remote   # this project's default DVC remote on its S3
     python -m ray_jobs.local_cluster down    # stops every process it started
 
 Everything binds to loopback on free ports. The state (addresses, ports, pids) lives in
@@ -15,6 +16,7 @@ credentials: a Ray job's metadata carries none.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,22 @@ REGION = "us-east-1"
 # moto accepts any key pair; these are what the nodes, MLflow and DVC are given.
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 SECRET_NAMES = ("admin_password", "pipeline_password", "flask_secret_key")
+
+
+@contextlib.contextmanager
+def mlflow_user(username: str, password: str) -> Iterator[None]:
+    """MLflow clients in this process authenticate as `username` inside the block."""
+    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(zip(keys, (username, password), strict=True))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:
@@ -207,6 +226,31 @@ class LocalCluster:
         lines.append(f'export MLFLOW_TRACKING_PASSWORD="$(cat {pw})"')
         return "\n".join(lines)
 
+    def configure_dvc_remote(self, project: str | Path = ".", name: str = "cluster") -> None:
+        """Makes `name` (s3://fusemoe/dvc on this cluster) the project's default DVC remote.
+
+        Everything goes to .dvc/config.local (git-ignored): the endpoint changes with every
+        cluster and the keys must never be committed.
+        """
+        dvc = str(Path(sys.executable).parent / "dvc")
+        settings = [
+            ["remote", "add", "--local", "--force", "--default", name, f"s3://{BUCKET}/dvc"],
+            ["remote", "modify", "--local", name, "endpointurl", self.s3_endpoint],
+            ["remote", "modify", "--local", name, "region", REGION],
+            ["remote", "modify", "--local", name, "access_key_id", S3_KEYS["AWS_ACCESS_KEY_ID"]],
+            [
+                "remote",
+                "modify",
+                "--local",
+                name,
+                "secret_access_key",
+                S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+            ],
+        ]
+        env = self._base_env()
+        for args in settings:
+            subprocess.run([dvc, *args], cwd=project, env=env, check=True, timeout=120)
+
     def _base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         env.pop("AWS_PROFILE", None)
@@ -319,31 +363,23 @@ class LocalCluster:
         self._create_pipeline_user()
 
     def admin_client(self):
-        """The basic-auth admin API (users, permissions), authenticated as the admin."""
+        """The basic-auth admin API (users, permissions); call it inside `as_admin()`."""
         from mlflow.server.auth.client import AuthServiceClient
 
-        os.environ["MLFLOW_TRACKING_USERNAME"] = ADMIN_USER
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = self.secret("admin_password")
         return AuthServiceClient(self.tracking_uri)
+
+    def as_admin(self):
+        return mlflow_user(ADMIN_USER, self.secret("admin_password"))
 
     def _create_pipeline_user(self) -> None:
         """The pipeline's own user; it creates the experiment, so it holds MANAGE on it."""
         import mlflow
 
-        saved = {
-            k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-        }
-        try:
-            self.admin_client().create_user(PIPELINE_USER, self.secret("pipeline_password"))
-            os.environ["MLFLOW_TRACKING_USERNAME"] = PIPELINE_USER
-            os.environ["MLFLOW_TRACKING_PASSWORD"] = self.secret("pipeline_password")
+        password = self.secret("pipeline_password")
+        with self.as_admin():
+            self.admin_client().create_user(PIPELINE_USER, password)
+        with mlflow_user(PIPELINE_USER, password):
             mlflow.MlflowClient(self.tracking_uri).create_experiment(self.experiment)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     def _node_env(self) -> dict[str, str]:
         """What every raylet (and so every job driver and worker) runs with."""
@@ -508,7 +544,7 @@ def serve_node(spec: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("up", "down", "env", "status"))
+    parser.add_argument("command", choices=("up", "down", "env", "status", "dvc-remote"))
     parser.add_argument("--dir", default=str(DEFAULT_DIR), help="cluster state directory")
     parser.add_argument("--workers", type=int, default=2, help="worker nodes (up)")
     parser.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs per worker (up)")
@@ -528,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"S3 {cluster.s3_endpoint} bucket {BUCKET}; passwords in {cluster.secrets_dir}/\n"
                 f'use it from a shell: eval "$(python -m ray_jobs.local_cluster env)"'
             )
+        elif args.command == "dvc-remote":
+            LocalCluster.load(args.dir).configure_dvc_remote(".")
+            print("DVC remote 'cluster' (default) set in .dvc/config.local")
         elif args.command == "env":
             print(LocalCluster.load(args.dir).exports())
         elif args.command == "status":

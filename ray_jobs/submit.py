@@ -6,8 +6,13 @@
 A single stage name (prepare, train, evaluate, register, tune) becomes
 `python -m pipelines.<stage> --params <params>`; anything else after `--` is run verbatim. The
 project directory is uploaded as the job's working_dir, without the virtualenv, data, run outputs
-and git history: on the cluster, data and checkpoints live on shared storage named in params.yaml
-(data.out_dir, ray.storage_path) and MLflow is a server given by MLFLOW_TRACKING_URI.
+and git history: on the cluster, checkpoints and the prepared dataset live on the storage named
+by ray.storage_path (e.g. s3://...) and MLflow is a server given by MLFLOW_TRACKING_URI.
+
+Nothing secret travels with the job: its runtime_env is job metadata, readable by anyone who can
+reach the dashboard or the Jobs API. Credentials (AWS keys, MLflow user and password) come from
+the environment of the cluster's nodes (`ray_jobs.local_cluster` starts its raylets with them;
+the KubeRay manifest reads them from Secrets).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import asyncio
 import os
 import shlex
 import sys
+
+from ray_jobs.storage import require_reachable_tracking
 
 STAGES = ("prepare", "train", "evaluate", "register", "tune")
 EXCLUDES = [
@@ -31,15 +38,11 @@ EXCLUDES = [
     "__pycache__",
     "*.egg-info",
 ]
-# Passed from the submitting shell to the job when set there (MLflow credentials included).
+# Passed from the submitting shell to the job when set there: addresses only, never credentials.
 PASSTHROUGH_ENV = (
     "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_S3_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ENDPOINT_URL",
     "AWS_DEFAULT_REGION",
 )
 
@@ -92,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--address",
-        default=os.environ.get("RAY_ADDRESS"),
-        help="Ray dashboard address, e.g. http://head:8265 (default $RAY_ADDRESS)",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+        help="Ray dashboard address, e.g. http://head:8265 (default $RAY_API_SERVER_ADDRESS)",
     )
     parser.add_argument("--params", default="params.yaml", help="params file inside the project")
     parser.add_argument("--working-dir", default=".", help="project directory to upload")
@@ -102,12 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(ours)
     if not args.address:
         parser.error("--address (or RAY_ADDRESS) is required")
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        print(
-            "warning: MLFLOW_TRACKING_URI is not set: the job tracks into a SQLite file inside "
-            "its temporary working_dir, which is lost when the job ends",
-            file=sys.stderr,
-        )
+    try:  # MLFLOW_TRACKING_URI unset here: the cluster's own setting decides (the stage checks it)
+        require_reachable_tracking(os.environ.get("MLFLOW_TRACKING_URI", "http:"), args.address)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     try:
         kwargs = submission(
             command, args.params, args.working_dir, submission_id=args.submission_id

@@ -8,7 +8,7 @@ job with the same configuration resumes from its last checkpoint instead of star
 from __future__ import annotations
 
 import os
-import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from fusemoe import train as fusemoe_train
 from fusemoe.metrics import higher_is_better, metric_mode
+from ray_jobs import storage
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -29,7 +30,7 @@ def init_ray(ray_params: dict) -> None:
     """Connects to RAY_ADDRESS / ray.address, or starts a local Ray bound to 127.0.0.1."""
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or ray_params.get("address") or None
+    address = storage.cluster_address(ray_params)
     # A busy 2-core laptop can take over a minute to register the local raylet (default 60 s).
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
     env = {"env_vars": {"DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0"}}
@@ -82,7 +83,7 @@ def _worker(config: dict, train_fn: TrainFn = fusemoe_train.train) -> dict:
 
 def run_training(
     params: dict,
-    data_dir: Path,
+    data_dir: str | Path,
     run_name: str,
     mlflow_run_id: str | None = None,
     tracking_uri: str | None = None,
@@ -90,19 +91,23 @@ def run_training(
 ) -> tuple[Path, dict, list[dict]]:
     """Fits the model; returns (best checkpoint dir, its metrics, every epoch's metrics).
 
-    `params` holds the params.yaml sections model, train, deepspeed, ray. `train_fn` replaces
-    fusemoe.train.train on the workers (same signature); tests use it to inject failures.
+    `params` holds the params.yaml sections model, train, deepspeed, ray. `data_dir` is a path
+    or a pyarrow URI that every worker can read (storage.dataset_uri). `train_fn` replaces
+    fusemoe.train.train on the workers (same signature); tests use it to inject failures. With
+    remote storage the best checkpoint is downloaded to a local temporary directory.
     """
     rp, tp = params["ray"], params["train"]
-    storage = Path(rp["storage_path"]).resolve()
-    run_dir = storage / run_name
-    if (run_dir / COMPLETE_MARKER).exists():
+    if mlflow_run_id:
+        storage.require_reachable_tracking(tracking_uri or "", storage.cluster_address(rp))
+    storage_path = storage.resolve(rp["storage_path"])
+    run_dir = storage.join(storage_path, run_name)
+    if storage.exists(storage.join(run_dir, COMPLETE_MARKER)):
         # A finished run with this exact configuration: train again from scratch (deterministic).
-        shutil.rmtree(run_dir)
+        storage.delete_dir(run_dir)
     init_ray(rp)
     use_gpu = bool(rp.get("use_gpu", False))
     config = {
-        "data_dir": str(Path(data_dir).resolve()),
+        "data_dir": storage.resolve(data_dir),
         "model": params["model"],
         "train": tp,
         "deepspeed": params["deepspeed"],
@@ -125,7 +130,7 @@ def run_training(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=int(rp.get("keep_checkpoints", 2)),
                 checkpoint_score_attribute=primary,
@@ -147,5 +152,8 @@ def run_training(
         if isinstance(result.return_value, dict)
         else []
     )
-    (run_dir / COMPLETE_MARKER).write_text("done\n")
+    storage.write_text(storage.join(run_dir, COMPLETE_MARKER), "done\n")
+    if storage.is_remote(storage_path):
+        local = Path(tempfile.mkdtemp(prefix="fusemoe-ckpt-")) / Path(checkpoint.path).name
+        return Path(checkpoint.to_directory(str(local))), metrics, history
     return Path(checkpoint.path), metrics, history

@@ -12,12 +12,12 @@ trial into an MLflow child run of the search's parent run.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fusemoe.nn.gates import GATE_TYPES
+from ray_jobs import storage
 
 COMPLETE_MARKER = "COMPLETE"
 PARENT_RUN_FILE = "mlflow_parent_run_id"
@@ -36,7 +36,7 @@ class SearchResult:
     trials: list[dict[str, Any]]  # one row per trial: config, status, epochs, best metric
     best: dict[str, Any]  # the row of the best trial
     wall_s: float
-    experiment_dir: Path
+    experiment_dir: str  # a path or a pyarrow URI (ray.storage_path/<name>)
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -212,7 +212,7 @@ def _trial_torch_trainer(cfg: dict, base: dict) -> None:
         run_config=RunConfig(
             # Same name on a restored trial, so the TorchTrainer resumes from its checkpoint.
             name=f"{base['experiment']}-{tune.get_context().get_trial_id()}",
-            storage_path=str(Path(rp["storage_path"]).resolve() / "tune-trials"),
+            storage_path=storage.join(storage.resolve(rp["storage_path"]), "tune-trials"),
             failure_config=FailureConfig(max_failures=int(rp.get("max_failures", 1))),
             callbacks=[TuneReportCallback()],
         ),
@@ -311,18 +311,17 @@ def _mlflow_callback(tracking_uri: str, parent_run_id: str, max_epochs: int):
 # ---------------------------------------------------------------- the search
 
 
-def experiment_dir(params: dict, name: str, fresh_if_complete: bool = True) -> Path:
-    """Where the search lives; a finished search with the same name is started over."""
-    path = Path(params["ray"]["storage_path"]).resolve() / name
-    if fresh_if_complete and (path / COMPLETE_MARKER).exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+def experiment_dir(params: dict, name: str, fresh_if_complete: bool = True) -> str:
+    """Where the search lives (path or URI); a finished search with the same name starts over."""
+    path = storage.join(storage.resolve(params["ray"]["storage_path"]), name)
+    if fresh_if_complete and storage.exists(storage.join(path, COMPLETE_MARKER)):
+        storage.delete_dir(path)
     return path
 
 
 def run_search(
     params: dict,
-    data_dir: Path,
+    data_dir: str | Path,
     name: str,
     tracking_uri: str,
     parent_run_id: str,
@@ -330,7 +329,8 @@ def run_search(
 ) -> SearchResult:
     """Runs (or resumes) the search; raises SearchInterrupted if it stops before every trial ends.
 
-    `params` holds the params.yaml sections model, train, deepspeed, ray and tune.
+    `params` holds the params.yaml sections model, train, deepspeed, ray and tune; `data_dir`
+    is a path or a pyarrow URI that every trial can read (storage.dataset_uri).
     """
     import time
 
@@ -342,10 +342,11 @@ def run_search(
 
     tp, metric = params["tune"], params["train"]["primary_metric"]
     validate_space(tp)
+    storage.require_reachable_tracking(tracking_uri, storage.cluster_address(params["ray"]))
     path = experiment_dir(params, name, fresh_if_complete=False)
     init_ray(params["ray"])
     base = {k: params[k] for k in ("model", "train", "deepspeed", "ray", "tune")}
-    base["data_dir"], base["experiment"] = str(Path(data_dir).resolve()), name
+    base["data_dir"], base["experiment"] = storage.resolve(data_dir), name
     workers = int(tp.get("trial_workers", 1))
     if workers > 1:  # the trial only drives a TorchTrainer whose workers hold the CPUs
         resources = _driver_trial_resources()
@@ -361,7 +362,7 @@ def run_search(
     t0 = time.perf_counter()
     if tune.Tuner.can_restore(path):
         print(f"tune: resuming the interrupted search in {path}")
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
     else:
         max_epochs = int(tp["max_epochs"])
         start = starting_point(params)
@@ -394,7 +395,7 @@ def run_search(
             ),
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=str(path.parent),
+                storage_path=storage.resolve(params["ray"]["storage_path"]),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=0),
                 callbacks=[_mlflow_callback(tracking_uri, parent_run_id, max_epochs), *callbacks],
@@ -418,7 +419,7 @@ def run_search(
         "stopped_early": sum(r["status"] == "stopped_early" for r in rows),
         "failed": len(rows) - len(ok),
     }
-    (path / COMPLETE_MARKER).write_text("done\n")
+    storage.write_text(storage.join(path, COMPLETE_MARKER), "done\n")
     return SearchResult(trials=rows, best=best, wall_s=wall, experiment_dir=path, counts=counts)
 
 

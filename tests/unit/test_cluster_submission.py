@@ -29,6 +29,32 @@ def test_an_empty_command_is_refused():
         entrypoint([])
 
 
+def test_submission_never_puts_credentials_in_the_job_metadata():
+    env = {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_TRACKING_USERNAME": "pipeline",
+        "MLFLOW_TRACKING_PASSWORD": "s3cret-pw",
+        "MLFLOW_TRACKING_TOKEN": "s3cret-token",
+        "AWS_ACCESS_KEY_ID": "AKIA-s3cret",
+        "AWS_SECRET_ACCESS_KEY": "s3cret-key",
+        "AWS_SESSION_TOKEN": "s3cret-session",
+    }
+    kwargs = submission(["train"], env=env)
+    assert "s3cret" not in repr(kwargs)
+    assert kwargs["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+
+def test_submitting_with_a_local_sqlite_tracking_uri_is_refused_in_one_line(monkeypatch, capsys):
+    from ray_jobs.submit import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--address", "http://127.0.0.1:1", "--", "train"])
+    message = str(exit_info.value)
+    assert message.startswith("error: MLflow tracking URI sqlite:///mlflow.db is a local file")
+    assert "\n" not in message and "MLFLOW_TRACKING_URI" in message
+
+
 def test_submission_uploads_the_project_without_local_state_and_passes_mlflow_through():
     env = {
         "MLFLOW_TRACKING_URI": "http://mlflow:5000",
