@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="fusemoe-scaling-"))
     load_before = os.getloadavg()
-    with LocalCluster(tmp / "cluster", num_workers=2, cpus_per_worker=1) as cluster:
+    cluster = LocalCluster(tmp / "cluster", num_workers=2, cpus_per_worker=1, start_timeout_s=900)
+    with cluster:
         os.environ.update(cluster.env())  # before Ray is imported: it reads them then
         result = measure(cluster, tmp, args)
     result["machine"]["loadavg_1_5_15_before"] = [round(x, 2) for x in load_before]
@@ -140,9 +141,9 @@ def measure(cluster, tmp: Path, args) -> dict:
         ):
             time.sleep(0.5)
         time.sleep(runs["dp_2_workers"]["epoch_s"][-1] / 2)
-        alive = [i for i, w in enumerate(cluster.state["ray"]["workers"]) if w["alive"]]
-        cluster.kill_worker_node(alive[0])
-        cluster.add_worker_node()
+        alive = next(i for i, w in enumerate(cluster.state["ray"]["workers"]) if w["alive"])
+        cluster.kill_worker_node(alive)
+        cluster.add_worker_node(timeout_s=600)
 
     runs["dp_2_workers_node_killed"] = timed_run(
         variant(num_workers=2), data_uri, "dp2-kill", during=kill_mid_epoch

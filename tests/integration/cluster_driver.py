@@ -36,7 +36,12 @@ def train(spec: dict) -> None:
         data_hash(spec["data_dir"]),
     )
     marker = Path(spec["marker"]) if spec.get("marker") else None
-    train_fn = recording_train(Path(spec["events"]), spec.get("crash_after_epoch", 0), marker)
+    train_fn = recording_train(
+        Path(spec["events"]),
+        spec.get("crash_after_epoch", 0),
+        marker,
+        spec.get("slow_after_epoch", 0),
+    )
     best_dir, metrics, history = run_training(params, data_uri, spec["name"], train_fn=train_fn)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model_weights(best_dir), out / "model.pt")

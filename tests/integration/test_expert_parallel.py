@@ -5,9 +5,9 @@ rank on the whole batch, without communication, from the same seed.
 """
 
 import os
-from pathlib import Path
 import socket
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch

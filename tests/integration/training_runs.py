@@ -8,10 +8,19 @@ import os
 import time
 from pathlib import Path
 
+SLOW_SAMPLE_S = 0.05
 
-def recording_train(events: Path, crash_after_epoch: int = 0, marker: Path | None = None):
+
+def recording_train(
+    events: Path,
+    crash_after_epoch: int = 0,
+    marker: Path | None = None,
+    slow_after_epoch: int = 0,
+):
     """fusemoe.train.train that logs restores/reports to `events` and, once, kills rank 0 after
-    `crash_after_epoch`'s checkpoint is registered (0 = never)."""
+    `crash_after_epoch`'s checkpoint is registered (0 = never). After `slow_after_epoch` (0 =
+    never) every sample takes SLOW_SAMPLE_S longer to load, so the next epoch lasts long enough
+    for a test to interrupt it (the numbers are unchanged)."""
 
     def train_fn(cfg: dict, report, restore_dir: Path | None = None) -> dict:
         import ray
@@ -31,9 +40,23 @@ def recording_train(events: Path, crash_after_epoch: int = 0, marker: Path | Non
         node = ray.get_runtime_context().get_node_id()
         log(start=True, restored_after_epoch=restored, node=node)
 
+        slow = {"on": bool(slow_after_epoch) and (restored or 0) >= slow_after_epoch}
+        if slow_after_epoch:
+            from fusemoe.data.dataset import FlexiModalDataset
+
+            load = FlexiModalDataset.__getitem__
+
+            def slow_load(self, i: int) -> dict:
+                if slow["on"]:
+                    time.sleep(SLOW_SAMPLE_S)
+                return load(self, i)
+
+            FlexiModalDataset.__getitem__ = slow_load
+
         def reporting(metrics: dict, checkpoint_dir: Path) -> None:
             report(metrics, checkpoint_dir)
             log(reported_epoch=int(metrics["epoch"]))
+            slow["on"] = slow["on"] or metrics["epoch"] == slow_after_epoch
             if rank == 0 and metrics["epoch"] == crash_after_epoch and not marker.exists():
                 # Wait until the controller has registered this checkpoint, then die hard.
                 ray.train.get_all_reported_checkpoints()
