@@ -403,10 +403,14 @@ def run_search(
         )
     grid = tuner.fit()
     wall = time.perf_counter() - t0
-    if len(grid) < int(tp["num_samples"]) or grid.num_terminated + grid.num_errors < len(grid):
+    # A trial is finished when it errored or its last result says done (it returned, or ASHA
+    # stopped it). One that an interruption stopped mid-run also ends up TERMINATED, but
+    # without done: it resumes from its checkpoint when the search is run again.
+    finished = sum(r.error is not None or bool((r.metrics or {}).get("done")) for r in grid)
+    if len(grid) < int(tp["num_samples"]) or finished < len(grid):
         raise SearchInterrupted(
-            f"search {name} stopped with {grid.num_terminated + grid.num_errors} of "
-            f"{tp['num_samples']} trials finished; run the same command again to resume it"
+            f"search {name} stopped with {finished} of {tp['num_samples']} trials finished; "
+            "run the same command again to resume it"
         )
     rows = [_trial_row(r, metric, int(tp["max_epochs"])) for r in grid]
     ok = [r for r in rows if r["status"] != "failed"]
