@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     with cluster:
         os.environ.update(cluster.env())  # before Ray is imported: it reads them then
         result = measure(cluster, tmp, args)
+        import ray
+
+        ray.shutdown()  # before the cluster goes down, or the driver exits with a GCS error
     result["machine"]["loadavg_1_5_15_before"] = [round(x, 2) for x in load_before]
     result["machine"]["loadavg_1_5_15_after"] = [round(x, 2) for x in os.getloadavg()]
     result["command"] = " ".join(
