@@ -297,6 +297,10 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         state = json.loads((Path(restore_dir) / STATE_FILE).read_text())
         start_epoch, history = state["epoch"] + 1, state["history"]
         log(f"[rank {rank}] resumed from {restore_dir} after epoch {state['epoch'] + 1}")
+        if start_epoch >= epochs:
+            # Every epoch was trained, but the last report may never have reached the caller
+            # (e.g. a Tune search interrupted just then): report it again, nothing is retrained.
+            report(history[-1], Path(restore_dir))
 
     modality_dropout = float(tcfg.get("modality_dropout", 0.0))
     if not 0.0 <= modality_dropout < 1.0:

@@ -20,6 +20,9 @@ from fusemoe.nn.gates import GATE_TYPES
 from ray_jobs import storage
 
 COMPLETE_MARKER = "COMPLETE"
+# Progress is counted in the training loop's epochs, not Tune's training_iteration: a restored
+# multi-worker trial restarts Tune's count while its TorchTrainer resumes from its own checkpoint.
+EPOCH = "epoch"
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 MODEL_KNOBS = ("num_experts", "top_k", "entropy_weight", "gate")
 TRAIN_KNOBS = ("lr",)
@@ -286,7 +289,7 @@ def _mlflow_callback(tracking_uri: str, parent_run_id: str, max_epochs: int):
             from mlflow.entities import Metric
 
             run_id = self._child(trial)
-            step, now = int(result.get("training_iteration", 0)), int(time.time() * 1000)
+            step, now = int(result.get(EPOCH, 0)), int(time.time() * 1000)
             metrics = [
                 Metric(k, float(v), now, step)
                 for k, v in result.items()
@@ -295,7 +298,7 @@ def _mlflow_callback(tracking_uri: str, parent_run_id: str, max_epochs: int):
             self._client.log_batch(run_id, metrics=metrics)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            epochs = int((trial.last_result or {}).get("training_iteration", 0))
+            epochs = int((trial.last_result or {}).get(EPOCH, 0))
             run_id = self._child(trial)
             self._client.set_tag(run_id, "stopped_early", str(epochs < self.max_epochs).lower())
             self._client.set_terminated(run_id, "FINISHED")
@@ -381,7 +384,7 @@ def run_search(
                     seed=int(tp.get("seed", 0)), points_to_evaluate=[start] if start else None
                 ),
                 scheduler=ASHAScheduler(
-                    time_attr="training_iteration",
+                    time_attr=EPOCH,
                     max_t=max_epochs,
                     grace_period=min(int(tp.get("grace_period", 1)), max_epochs),
                     reduction_factor=float(tp.get("reduction_factor", 2)),
@@ -461,7 +464,7 @@ def _trial_row(result, metric: str, max_epochs: int) -> dict[str, Any]:
     """A trial's summary; its score is its best epoch's metric (as the train stage picks epochs)."""
     df = result.metrics_dataframe
     has_metric = df is not None and metric in df and df[metric].notna().any()
-    epochs = int(df["training_iteration"].max()) if has_metric else 0
+    epochs = int(df[EPOCH].max()) if has_metric else 0
     if result.error is not None or not has_metric:
         status = "failed"
     else:
@@ -472,6 +475,6 @@ def _trial_row(result, metric: str, max_epochs: int) -> dict[str, Any]:
         "status": status,
         "epochs": epochs,
         "best_metric": float(df[metric].max()) if has_metric else float("nan"),
-        "best_epoch": int(df.loc[df[metric].idxmax(), "training_iteration"]) if has_metric else 0,
+        "best_epoch": int(df.loc[df[metric].idxmax(), EPOCH]) if has_metric else 0,
         "error": None if result.error is None else str(result.error)[:500],
     }
