@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from fusemoe.data.dataset import (
     DataSpec,
     FlexiModalDataset,
+    ShardBatches,
     batch_to,
     collate,
     dataset_spec,
@@ -262,15 +263,24 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     set_seed(int(tcfg["seed"]))
 
-    data_dir = Path(cfg["data_dir"])
+    data_dir = str(cfg["data_dir"])  # a local path or a pyarrow URI (s3://...)
     spec = select_tasks(dataset_spec(load_manifest(data_dir)), list(tcfg["tasks"]))
-    train_ds = FlexiModalDataset(data_dir, "train", max_stays=int(tcfg.get("max_train_stays", 0)))
-    val_ds = FlexiModalDataset(data_dir, "val")
-    sampler = DistributedSampler(
-        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=int(tcfg["seed"])
+    # Each rank reads only its shard of the training stays.
+    train_ds = FlexiModalDataset(
+        data_dir,
+        "train",
+        max_stays=int(tcfg.get("max_train_stays", 0)),
+        shard=(rank, world),
     )
+    val_ds = FlexiModalDataset(data_dir, "val")
     bs = int(tcfg["batch_size"])
-    train_loader = DataLoader(train_ds, batch_size=bs, sampler=sampler, collate_fn=collate)
+    sampler = ShardBatches(
+        len(train_ds),
+        bs,
+        num_batches=ShardBatches.per_rank(train_ds.split_size, world, bs),
+        seed=int(tcfg["seed"]),
+    )
+    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
     # Every rank scores the whole validation set so expert-parallel all-to-alls stay in step.
     val_loader = DataLoader(val_ds, batch_size=bs * 2, shuffle=False, collate_fn=collate)
 
@@ -300,11 +310,13 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     start_epoch, history = 0, []
     if restore_dir is not None:
         engine.load_checkpoint(str(restore_dir), tag="ckpt")
-        shard = torch.load(Path(restore_dir) / f"experts_rank{rank}.pt", weights_only=True)
-        engine.module.load_state_dict(shard, strict=False)
         state = json.loads((Path(restore_dir) / STATE_FILE).read_text())
         start_epoch, history = state["epoch"] + 1, state["history"]
         log(f"[rank {rank}] resumed from {restore_dir} after epoch {state['epoch'] + 1}")
+        if start_epoch >= epochs:
+            # Every epoch was trained, but the last report may never have reached the caller
+            # (e.g. a Tune search interrupted just then): report it again, nothing is retrained.
+            report(history[-1], Path(restore_dir))
 
     modality_dropout = float(tcfg.get("modality_dropout", 0.0))
     if not 0.0 <= modality_dropout < 1.0:
@@ -356,9 +368,7 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
             )
         with tempfile.TemporaryDirectory(prefix="fusemoe-ckpt-") as tmp:
             ckpt = Path(tmp)
-            engine.save_checkpoint(str(ckpt), tag="ckpt")
-            # DeepSpeed's checkpoint only knows its own MoE layer's expert names: keep our shards.
-            torch.save(_expert_shard(engine.module), ckpt / f"experts_rank{rank}.pt")
+            engine.save_checkpoint(str(ckpt), tag="ckpt")  # expert shards: one file per expert
             full_state = _full_state_dict(engine.module, ep_size)  # a collective under EP
             if rank == 0:
                 (ckpt / STATE_FILE).write_text(json.dumps({"epoch": epoch, "history": history}))
@@ -375,15 +385,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     except ImportError:
         return groups
     return split_params_into_different_moe_groups_for_optimizer(groups)
-
-
-def _expert_shard(model: torch.nn.Module) -> dict:
-    """This rank's expert parameters (those DeepSpeed must not all-reduce), by name."""
-    return {
-        n: p.detach().cpu()
-        for n, p in model.named_parameters()
-        if getattr(p, "allreduce", True) is False
-    }
 
 
 def _full_state_dict(model: torch.nn.Module, ep_size: int) -> dict:

@@ -467,12 +467,24 @@ class LocalCluster:
         self.num_workers = len(self.state["ray"]["workers"])
         return index
 
-    def kill_worker_node(self, index: int) -> None:
-        """Hard-kills worker node `index`: its raylet, object store and every worker process."""
+    def kill_worker_node(self, index: int, timeout_s: float = 180.0) -> None:
+        """Hard-kills worker node `index`: its raylet, object store and every worker process.
+
+        Returns once Ray lists the node as dead, so a following `add_worker_node` (which waits
+        for the count of live nodes to grow) cannot mistake the death for the new node's arrival.
+        """
+        alive = len(self.alive_nodes())
         node = self.state["ray"]["workers"][index]
         _kill_tree(node["pid"])
         node["alive"] = False
         self._save()
+        deadline = time.monotonic() + timeout_s
+        while len(self.alive_nodes()) >= alive:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Ray still lists worker node {index} as alive after {timeout_s} s"
+                )
+            time.sleep(0.5)
 
     def _pids(self) -> list[int]:
         ray = self.state.get("ray", {})

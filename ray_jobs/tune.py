@@ -21,6 +21,9 @@ from fusemoe.nn.gates import GATE_TYPES
 from ray_jobs import storage
 
 COMPLETE_MARKER = "COMPLETE"
+# Progress is counted in the training loop's epochs, not Tune's training_iteration: a restored
+# multi-worker trial restarts Tune's count while its TorchTrainer resumes from its own checkpoint.
+EPOCH = "epoch"
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 MODEL_KNOBS = ("num_experts", "top_k", "entropy_weight", "gate")
 TRAIN_KNOBS = ("lr",)
@@ -287,7 +290,7 @@ def _mlflow_callback(tracking_uri: str, parent_run_id: str, max_epochs: int):
             from mlflow.entities import Metric
 
             run_id = self._child(trial)
-            step, now = int(result.get("training_iteration", 0)), int(time.time() * 1000)
+            step, now = int(result.get(EPOCH, 0)), int(time.time() * 1000)
             metrics = [
                 Metric(k, float(v), now, step)
                 for k, v in result.items()
@@ -296,7 +299,7 @@ def _mlflow_callback(tracking_uri: str, parent_run_id: str, max_epochs: int):
             self._client.log_batch(run_id, metrics=metrics)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            epochs = int((trial.last_result or {}).get("training_iteration", 0))
+            epochs = int((trial.last_result or {}).get(EPOCH, 0))
             run_id = self._child(trial)
             self._client.set_tag(run_id, "stopped_early", str(epochs < self.max_epochs).lower())
             self._client.set_terminated(run_id, "FINISHED")
@@ -348,8 +351,10 @@ def run_search(
     base["data_dir"], base["experiment"] = storage.resolve(data_dir), name
     workers = int(tp.get("trial_workers", 1))
     if workers > 1:  # the trial only drives a TorchTrainer whose workers hold the CPUs
-        resources = {"CPU": 0.01}
-        _check_capacity(workers * float(params["ray"].get("cpus_per_worker", 1)) + 0.01)
+        resources = _driver_trial_resources()
+        _check_capacity(
+            workers * float(params["ray"].get("cpus_per_worker", 1)) + resources.get("CPU", 0.0)
+        )
     else:
         resources = {"CPU": float(tp.get("cpus_per_trial", 1))}
         if params["ray"].get("use_gpu", False):
@@ -382,10 +387,14 @@ def run_search(
         )
     grid = tuner.fit()
     wall = time.perf_counter() - t0
-    if len(grid) < int(tp["num_samples"]) or grid.num_terminated + grid.num_errors < len(grid):
+    # A trial is finished when it errored or its last result says done (it returned, or ASHA
+    # stopped it). One that an interruption stopped mid-run also ends up TERMINATED, but
+    # without done: it resumes from its checkpoint when the search is run again.
+    finished = sum(r.error is not None or bool((r.metrics or {}).get("done")) for r in grid)
+    if len(grid) < int(tp["num_samples"]) or finished < len(grid):
         raise SearchInterrupted(
-            f"search {name} stopped with {grid.num_terminated + grid.num_errors} of "
-            f"{tp['num_samples']} trials finished; run the same command again to resume it"
+            f"search {name} stopped with {finished} of {tp['num_samples']} trials finished; "
+            "run the same command again to resume it"
         )
     rows = [_trial_row(r, metric, int(tp["max_epochs"])) for r in grid]
     ok = [r for r in rows if r["status"] != "failed"]
@@ -416,7 +425,7 @@ def tune_config(tp: dict, metric: str, start: dict | None):
             seed=int(tp.get("seed", 0)), points_to_evaluate=[start] if start else None
         ),
         scheduler=ASHAScheduler(
-            time_attr="training_iteration",
+            time_attr=EPOCH,
             max_t=max_epochs,
             grace_period=min(int(tp.get("grace_period", 1)), max_epochs),
             reduction_factor=float(tp.get("reduction_factor", 2)),
@@ -430,6 +439,23 @@ def tune_config(tp: dict, metric: str, start: dict | None):
     )
 
 
+DRIVER_RESOURCE = "TRAIN_DRIVER"
+
+
+def _driver_trial_resources() -> dict[str, float]:
+    """What a trial that only drives a TorchTrainer reserves (Ray 2.60 refuses ``{"CPU": 0}``).
+
+    On a cluster whose head offers the custom ``TRAIN_DRIVER`` resource (and no CPUs), the trial,
+    and with it its Train controller, runs on the head and leaves every worker CPU to the
+    trainers; elsewhere it takes a hundredth of a CPU.
+    """
+    import ray
+
+    if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
+        return {DRIVER_RESOURCE: 0.01}
+    return {"CPU": 0.01}
+
+
 def _check_capacity(cpus: float) -> None:
     """A trial that can never be scheduled would leave Tune waiting forever: fail instead."""
     import ray
@@ -437,8 +463,9 @@ def _check_capacity(cpus: float) -> None:
     total = float(ray.cluster_resources().get("CPU", 0))
     if cpus > total:
         raise ValueError(
-            f"a TorchTrainer trial needs {cpus:g} CPUs (tune.trial_workers x ray.cpus_per_worker "
-            f"+ 0.01 for the trial) but Ray has {total:g}; lower ray.cpus_per_worker or raise ray.num_cpus"
+            f"a TorchTrainer trial needs {cpus:g} CPUs (tune.trial_workers x ray.cpus_per_worker, "
+            f"+ 0.01 for the trial without a {DRIVER_RESOURCE} resource) but Ray has {total:g}; "
+            "lower ray.cpus_per_worker or raise ray.num_cpus"
         )
 
 
@@ -446,7 +473,7 @@ def _trial_row(result, metric: str, max_epochs: int) -> dict[str, Any]:
     """A trial's summary; its score is its best epoch's metric (as the train stage picks epochs)."""
     df = result.metrics_dataframe
     has_metric = df is not None and metric in df and df[metric].notna().any()
-    epochs = int(df["training_iteration"].max()) if has_metric else 0
+    epochs = int(df[EPOCH].max()) if has_metric else 0
     if result.error is not None or not has_metric:
         status = "failed"
     else:
@@ -458,7 +485,7 @@ def _trial_row(result, metric: str, max_epochs: int) -> dict[str, Any]:
         "status": status,
         "epochs": epochs,
         "best_metric": float(df[metric].iloc[best]) if has_metric else float("nan"),
-        "best_epoch": int(df["training_iteration"].iloc[best]) if has_metric else 0,
+        "best_epoch": int(df[EPOCH].iloc[best]) if has_metric else 0,
         "error": None if result.error is None else str(result.error)[:500],
     }
 

@@ -8,9 +8,9 @@ series is `values[L, V]` with a mask. Values are z-scored with the manifest's tr
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,7 @@ from fusemoe.data.flexi import (
     norm_arrays,
     validate_events,
 )
+from fusemoe.data.location import resolve
 from fusemoe.data.schema import LABEL_TYPES, SPLITS, series_modalities, static_variables
 
 
@@ -83,8 +84,12 @@ class _Series:
 class FlexiModalDataset(Dataset):
     """Stays of one split (`split=None` or "all" for every stay) of a FlexiModal directory.
 
+    `directory` is a local path or a pyarrow URI (``s3://bucket/dir?endpoint_override=...``).
     `tasks` restricts the labels returned (default: all tasks of the manifest); `max_stays > 0`
-    keeps only the first stays in file order (quick runs).
+    keeps only the first stays in file order (quick runs). `shard=(rank, world)` keeps every
+    world-th of those stays from the rank-th on, so the ranks of a data-parallel group hold
+    disjoint shards whose union is the split; ``split_size`` is the split's size before sharding.
+    Only the events of the kept stays are read (a pyarrow filter, applied while scanning).
     """
 
     def __init__(
@@ -93,14 +98,29 @@ class FlexiModalDataset(Dataset):
         split: str | None,
         tasks: list[str] | None = None,
         max_stays: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ):
-        self.directory = Path(directory)
-        manifest = load_manifest(self.directory)
-        stays = pq.read_table(self.directory / STAYS_FILE)
+        self.directory = directory
+        manifest = load_manifest(directory)
+        fs, path = resolve(directory)
+        stays = pq.read_table(f"{path}/{STAYS_FILE}", filesystem=fs)
+        stays = _select_stays(stays, split, max_stays)
+        self.split_size = stays.num_rows
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard rank {rank} outside a world of {world}")
+        if world > 1:
+            stays = stays.take(np.arange(rank, stays.num_rows, world))
         events = pq.read_table(
-            self.directory / EVENTS_FILE, read_dictionary=["stay_id", "modality", "variable"]
+            f"{path}/{EVENTS_FILE}",
+            filesystem=fs,
+            read_dictionary=["stay_id", "modality", "variable"],
+            filters=None
+            if split in (None, "all") and world == 1
+            else pc.field("stay_id").isin(stays.column("stay_id")),
         )
-        self._setup(stays, events, manifest, split, tasks, max_stays)
+        self._setup(stays, events, manifest, None, tasks, 0)
+        self.split = split
 
     @classmethod
     def from_tables(
@@ -142,12 +162,7 @@ class FlexiModalDataset(Dataset):
         self.tasks = [all_tasks[t] for t in names]
         self.spec = dataset_spec(manifest)
 
-        if split not in (None, "all"):
-            if split not in SPLITS:
-                raise ValueError(f"split must be one of {SPLITS} or 'all', got {split!r}")
-            stays = stays.filter(pc.equal(stays.column("split"), split))
-        if max_stays > 0:
-            stays = stays.slice(0, max_stays)
+        stays = _select_stays(stays, split, max_stays)
         self.stay_ids: list[str] = stays.column("stay_id").to_pylist()
         n = len(self.stay_ids)
         self.labels = {t["name"]: _label_array(stays.column(t["column"]), t) for t in self.tasks}
@@ -214,6 +229,54 @@ class FlexiModalDataset(Dataset):
                 "mask": self.static_mask[i],
             }
         return sample
+
+
+def _select_stays(stays: pa.Table, split: str | None, max_stays: int) -> pa.Table:
+    if split not in (None, "all"):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS} or 'all', got {split!r}")
+        stays = stays.filter(pc.equal(stays.column("split"), split))
+    return stays.slice(0, max_stays) if max_stays > 0 else stays
+
+
+class ShardBatches:
+    """Batches of one rank's shard for every epoch: a batch sampler for ``DataLoader``.
+
+    Each epoch permutes the shard with a generator seeded ``seed + epoch`` and cuts it into
+    ``batch_size`` chunks (the last smaller), exactly as ``DistributedSampler`` + ``DataLoader``
+    do with one rank. Every rank must run the same number of steps (gradient all-reduce,
+    expert all-to-all), so with shards of unequal size the largest chunk is halved until there
+    are ``num_batches``; unlike ``DistributedSampler`` nothing is repeated to pad, so each stay
+    is seen exactly once per epoch over all ranks.
+    """
+
+    def __init__(self, shard_size: int, batch_size: int, num_batches: int, seed: int):
+        if shard_size < num_batches:
+            raise ValueError(f"{shard_size} stays cannot fill {num_batches} batches")
+        self.shard_size, self.batch_size, self.num_batches = shard_size, batch_size, num_batches
+        self.seed, self.epoch = seed, 0
+
+    @staticmethod
+    def per_rank(split_size: int, world: int, batch_size: int) -> int:
+        """Batches every rank runs: enough for the largest shard, ceil(split / world) stays."""
+        return max(1, math.ceil(math.ceil(split_size / world) / batch_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.shard_size, generator=g).tolist()
+        chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        while len(chunks) < self.num_batches:
+            j = max(range(len(chunks)), key=lambda c: len(chunks[c]))
+            half = (len(chunks[j]) + 1) // 2
+            chunks[j : j + 1] = [chunks[j][:half], chunks[j][half:]]
+        return iter(chunks)
 
 
 def _inference_stays(stays: pa.Table, manifest: dict) -> pa.Table:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from fusemoe.data.location import file_name, read_text
 from fusemoe.data.schema import (
     EVENTS_SCHEMA,
     MODALITY_KINDS,
@@ -71,11 +72,12 @@ class FlexiModalError(ValueError):
 
 def load_manifest(directory: str | os.PathLike) -> dict:
     """Read and check `manifest.json` of a FlexiModal directory."""
-    path = Path(directory) / MANIFEST_FILE
-    if not path.is_file():
+    path = file_name(directory, MANIFEST_FILE)
+    text = read_text(directory, MANIFEST_FILE)  # a local path or a pyarrow URI (s3://...)
+    if text is None:
         raise FlexiModalError(path, "file not found")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FlexiModalError(path, f"not valid JSON ({e})") from None
     check_manifest(manifest, path)

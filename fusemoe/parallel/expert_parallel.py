@@ -21,8 +21,12 @@ How the DeepSpeed engine (0.19.8) treats expert parameters, and what this module
 - A client optimizer must be built on ``split_params_into_different_moe_groups_for_optimizer``
   groups; letting the engine build the optimizer from the config (``fusemoe.parallel.engine``) does
   that automatically.
-- ``engine.save_checkpoint`` only knows DeepSpeed's own expert naming and would drop these
-  parameters; checkpoint ``consolidated_state_dict(model)`` instead (an EP=1 state dict).
+- ``engine.save_checkpoint`` writes one file per global expert, holding the keys under
+  ``deepspeed_moe.experts.deepspeed_experts.<local id>.`` of each MoE module's state dict, and
+  ``load_checkpoint`` reads one such file per local expert. So ``ExpertParallelExperts`` presents its
+  stacked ``[local experts, ...]`` weights in its state dict as per-expert tensors under those
+  names (``_save_to_state_dict`` / ``_load_from_state_dict``); its parameters stay stacked.
+  ``consolidated_state_dict(model)`` gives the EP=1 state dict for exporting a model.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ from deepspeed.utils import groups
 from torch import Tensor, nn
 
 from fusemoe.nn.experts import Experts, sort_by_expert
+
+EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+# Where DeepSpeed's checkpointing looks for expert i's tensors inside a MoE module's state dict.
+DEEPSPEED_EXPERTS_KEY = "deepspeed_moe.experts.deepspeed_experts"
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -113,7 +121,7 @@ class ExpertParallelExperts(Experts, _DeepSpeedMoE):
         self.backend = experts.backend
         lo = self.ep_rank * self.num_local_experts
         hi = lo + self.num_local_experts
-        for name in ("w1", "b1", "w2", "b2"):
+        for name in EXPERT_PARAMS:
             full = getattr(experts, name)
             p = nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad)
             p.allreduce = False  # expert param: reduce over the expert-data-parallel group only
@@ -122,6 +130,24 @@ class ExpertParallelExperts(Experts, _DeepSpeedMoE):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ep_size={self.ep_size}, local_experts={self.num_local_experts}"
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """Local expert i's slice of each stacked weight, under DeepSpeed's per-expert key."""
+        for name in EXPERT_PARAMS:
+            t = getattr(self, name)
+            t = t if keep_vars else t.detach()
+            for i in range(self.num_local_experts):
+                destination[f"{prefix}{DEEPSPEED_EXPERTS_KEY}.{i}.{name}"] = t[i]
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        """Stack DeepSpeed's per-expert tensors back into this module's weights."""
+        for name in EXPERT_PARAMS:
+            keys = [
+                f"{prefix}{DEEPSPEED_EXPERTS_KEY}.{i}.{name}" for i in range(self.num_local_experts)
+            ]
+            if all(k in state_dict for k in keys):
+                state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by the DeepSpeed engine on every module that has it; our groups already exist."""
@@ -178,9 +204,12 @@ def consolidated_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for mod_name, mod in model.named_modules():
         if not isinstance(mod, ExpertParallelExperts):
             continue
-        for name in ("w1", "b1", "w2", "b2"):
+        prefix = f"{mod_name}." if mod_name else ""
+        for key in [k for k in state if k.startswith(f"{prefix}{DEEPSPEED_EXPERTS_KEY}.")]:
+            del state[key]
+        for name in EXPERT_PARAMS:
             shard = getattr(mod, name).detach().contiguous()
             parts = [torch.empty_like(shard) for _ in range(mod.ep_size)]
             dist.all_gather(parts, shard, group=mod.ep_group)
-            state[f"{mod_name}.{name}" if mod_name else name] = torch.cat(parts)
+            state[prefix + name] = torch.cat(parts)
     return state

@@ -8,14 +8,13 @@ what it reported to a JSON-lines event log in tmp_path, which the tests read bac
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
+from training_runs import learning_curve, model_weights, read_events, recording_train
 
 pytestmark = pytest.mark.slow
 
@@ -59,44 +58,6 @@ def tiny_params(storage: Path, num_workers: int = 1, max_failures: int = 1) -> d
     )
     params["mlflow"]["system_metrics"] = False
     return params
-
-
-def recording_train(events: Path, crash_after_epoch: int = 0, marker: Path | None = None):
-    """fusemoe.train.train that logs restores/reports to `events` and, once, kills rank 0 after
-    `crash_after_epoch`'s checkpoint is registered (0 = never)."""
-
-    def train_fn(cfg: dict, report, restore_dir: Path | None = None) -> dict:
-        import ray.train
-
-        from fusemoe import train as fusemoe_train
-
-        rank = ray.train.get_context().get_world_rank()
-
-        def log(**event) -> None:
-            with events.open("a") as f:
-                f.write(json.dumps({"rank": rank, "t": time.time(), **event}) + "\n")
-
-        restored = None
-        if restore_dir is not None:
-            restored = json.loads((restore_dir / fusemoe_train.STATE_FILE).read_text())["epoch"] + 1
-        log(start=True, restored_after_epoch=restored)
-
-        def reporting(metrics: dict, checkpoint_dir: Path) -> None:
-            report(metrics, checkpoint_dir)
-            log(reported_epoch=int(metrics["epoch"]))
-            if rank == 0 and metrics["epoch"] == crash_after_epoch and not marker.exists():
-                # Wait until the controller has registered this checkpoint, then die hard.
-                ray.train.get_all_reported_checkpoints()
-                marker.touch()
-                os._exit(1)
-
-        return fusemoe_train.train(cfg, reporting, restore_dir)
-
-    return train_fn
-
-
-def read_events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -150,18 +111,10 @@ def two_workers(ray_session, data_dir, tmp_path_factory) -> dict:
     }
 
 
-def two_worker_params(storage: Path, max_failures: int = 1) -> dict:
+def two_worker_params(storage: Path, max_failures: int = 1, ep_size: int = 1) -> dict:
     params = tiny_params(storage, num_workers=2, max_failures=max_failures)
-    params["deepspeed"]["zero_stage"] = 1
+    params["deepspeed"].update(zero_stage=1, ep_size=ep_size)
     return params
-
-
-def learning_curve(history: list[dict]) -> list[tuple]:
-    """What training produced per epoch, without the wall-clock fields."""
-    return [
-        (h["epoch"], h["lr"], h["train_loss"], h["val_auroc_ihm"], h["val_brier_ihm"])
-        for h in history
-    ]
 
 
 def test_a_killed_worker_is_restarted_and_resumes_to_the_uninterrupted_result(
@@ -229,3 +182,34 @@ def test_two_workers_merge_every_ranks_checkpoint_and_only_rank_0_logs_to_mlflow
     for name in ("train_loss", "val_auroc_ihm"):
         steps = [m.step for m in client.get_metric_history(run_id, name)]
         assert sorted(steps) == list(range(1, EPOCHS + 1)), f"{name} logged once per epoch"
+
+
+def test_an_expert_parallel_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(
+    ray_session, data_dir, tmp_path
+):
+    """EP=2 over 2 workers: each rank checkpoints only its own experts (one DeepSpeed file per
+    expert) and the restarted group loads them back."""
+    import torch
+
+    from ray_jobs.train import run_training
+
+    whole_dir, whole_metrics, whole = run_training(
+        two_worker_params(tmp_path / "whole", ep_size=2), data_dir, "ep2-whole"
+    )
+    events = tmp_path / "events.jsonl"
+    crash = recording_train(events, crash_after_epoch=1, marker=tmp_path / "crashed")
+    best_dir, best_metrics, history = run_training(
+        two_worker_params(tmp_path / "crash", ep_size=2), data_dir, "ep2-crash", train_fn=crash
+    )
+
+    starts = [(e["rank"], e["restored_after_epoch"]) for e in read_events(events) if e.get("start")]
+    assert Counter(starts) == Counter([(0, None), (1, None), (0, 1), (1, 1)])
+    expert_files = {p.name for p in best_dir.glob("ckpt/layer_0_expert_*_model_states.pt")}
+    assert len(expert_files) == 4, sorted(expert_files)  # num_experts=4, two per rank
+    assert learning_curve(history) == pytest.approx(learning_curve(whole))
+    assert best_metrics["epoch"] == whole_metrics["epoch"]
+    want = model_weights(whole_dir)
+    got = model_weights(best_dir)
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, msg=name)

@@ -40,7 +40,7 @@ def test_tune_searches_and_stops_trials_in_the_metrics_direction(metric, mode):
 def trial_result(trial_id: str, maes: list[float]):
     from ray.tune import Result
 
-    frame = pd.DataFrame({"training_iteration": range(1, len(maes) + 1), MAE: maes})
+    frame = pd.DataFrame({"epoch": range(1, len(maes) + 1), MAE: maes})
     return Result(
         metrics={"trial_id": trial_id, "config": KNOBS, MAE: maes[-1]},
         checkpoint=None,
