@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from project_copy import commit_all, copy_project
 from test_pipeline import REPO, run, tiny_params
 
 from ray_jobs.local_cluster import PIPELINE_USER, mlflow_user
@@ -169,29 +169,13 @@ def test_a_stage_submitted_with_a_sqlite_tracking_uri_is_refused(local_cluster):
 # ---------------------------------------------------------------- the pipeline on the cluster
 
 
-def _copy_project(dst: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dst / f)
-
-
 @pytest.fixture(scope="module")
 def cluster_project(local_cluster, tmp_path_factory):
     """`dvc repro` (prepare -> tune -> train -> evaluate -> register) driven from this machine
     on the cluster, storage on S3, tracking on the server; then `dvc push` to the S3 remote."""
     tmp = tmp_path_factory.mktemp("cluster-repro")
     work = tmp / "project"
-    _copy_project(work)
-    for stale in ("dvc.lock", "metrics.json", "best_params.yaml"):
-        (work / stale).unlink(missing_ok=True)
+    copy_project(work)
     params = tiny_params(yaml.safe_load((work / "params.yaml").read_text()), tmp)
     # The synthetic source ignores raw_dir; it only has to exist (a DVC dependency).
     (work / "raw").mkdir()
@@ -204,15 +188,12 @@ def cluster_project(local_cluster, tmp_path_factory):
     params["mlflow"]["experiment"] = "fusemoe"
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = cluster_env(local_cluster) | {"PYTHONPATH": str(work)}
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "x"]):
-        run(cmd, work, env)
+    commit_all(work, env)
     local_cluster.configure_dvc_remote(work)
     t0 = time.monotonic()
     out = run(["dvc", "repro", "register"], work, env)
     out += run(["dvc", "push"], work, env)
-    run(["git", "add", "-A"], work, env)
-    run([*git, "commit", "-qm", "dvc.lock and outputs of the cluster run"], work, env)
+    commit_all(work, env, "dvc.lock and outputs of the cluster run")
     return work, env, out, time.monotonic() - t0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from project_copy import commit_all, copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +38,7 @@ RAW_FILES = sorted(
 
 def make_project(work: Path, **data) -> tuple[Path, dict]:
     """A git repo holding the project's tracked and unignored files, `data` laid over params."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (work / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, work / f)
-    (work / "dvc.lock").unlink(missing_ok=True)
+    copy_project(work, drop=("dvc.lock",))
     set_data(work, **data)
     env = {
         **os.environ,
@@ -58,12 +47,7 @@ def make_project(work: Path, **data) -> tuple[Path, dict]:
         "PYTHONPATH": str(work),
     }
     env.pop("FUSEMOE_DATA_DIR", None)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "x"],
-    ):
-        subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
+    commit_all(work, env)
     return work, env
 
 

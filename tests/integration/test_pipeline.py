@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from project_copy import commit_all, copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -71,19 +71,7 @@ def tiny_params(params: dict, tmp: Path) -> dict:
 def project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("repro")
     work = tmp / "project"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (work / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, work / f)
-    for stale in ("dvc.lock", "metrics.json", "best_params.yaml"):
-        (work / stale).unlink(missing_ok=True)
+    copy_project(work)
     params = tiny_params(yaml.safe_load((work / "params.yaml").read_text()), tmp)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
@@ -95,12 +83,7 @@ def project(tmp_path_factory):
         "PYTHONPATH": str(work),
     }
     env.pop("RAY_ADDRESS", None)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "x"],
-    ):
-        run(cmd, work, env)
+    commit_all(work, env)
     # prepare -> tune -> train -> evaluate -> register
     first = run(["dvc", "repro", "register"], work, env)
     return work, env, first

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from test_pipeline import REPO, run, tiny_params
+from project_copy import commit_all, copy_project
+from test_pipeline import run, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -29,19 +29,7 @@ REGISTRY_METRIC = "eval_val_micro_auprc_phenotype"
 def project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kinds")
     work = tmp / "project"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (work / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, work / f)
-    for stale in ("dvc.lock", "metrics.json", "best_params.yaml"):
-        (work / stale).unlink(missing_ok=True)
+    copy_project(work)
     params = tiny_params(yaml.safe_load((work / "params.yaml").read_text()), tmp)
     (tmp / "no-raw-data").mkdir()  # synthetic data reads no raw files (an existing, empty dep)
     params["data"].update(raw_dir=str(tmp / "no-raw-data"), synthetic={"num_stays": 300, "seed": 2})
@@ -58,12 +46,7 @@ def project(tmp_path_factory):
         "PYTHONPATH": str(work),
     }
     env.pop("RAY_ADDRESS", None)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "x"],
-    ):
-        run(cmd, work, env)
+    commit_all(work, env)
     run(["dvc", "repro", "register"], work, env)
     return work, env
 
