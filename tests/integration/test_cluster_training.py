@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from training_runs import learning_curve, read_events
+from training_runs import TINY_MODEL, learning_curve, read_events
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +31,7 @@ JOB_TIMEOUT_S = 900
 
 def tiny_params(storage: str) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"].update(
-        d_model=16,
-        n_heads=2,
-        n_layers=1,
-        num_ref_points=4,
-        num_experts=4,
-        top_k=2,
-        expert_hidden=32,
-    )
+    params["model"].update(TINY_MODEL)
     params["train"].update(
         epochs=EPOCHS,
         batch_size=32,

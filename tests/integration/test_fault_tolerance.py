@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from training_runs import learning_curve, model_weights, read_events, recording_train
+from training_runs import TINY_MODEL, learning_curve, model_weights, read_events, recording_train
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +25,7 @@ LR = 0.002
 
 def tiny_params(storage: Path, num_workers: int = 1, max_failures: int = 1) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"].update(
-        d_model=16,
-        n_heads=2,
-        n_layers=1,
-        num_ref_points=4,
-        num_experts=4,
-        top_k=2,
-        expert_hidden=32,
-    )
+    params["model"].update(TINY_MODEL)
     params["train"].update(
         epochs=EPOCHS,
         batch_size=32,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from project_copy import commit_all, copy_project
+from training_runs import TINY_MODEL
 
 pytestmark = pytest.mark.slow
 
@@ -39,15 +40,7 @@ def tiny_params(params: dict, tmp: Path) -> dict:
         physionet_url="http://127.0.0.1:9/",
     )
     params["data"]["synthetic"] = {"num_stays": 400, "seed": 1}
-    params["model"].update(
-        d_model=16,
-        n_heads=2,
-        n_layers=1,
-        num_ref_points=4,
-        num_experts=4,
-        top_k=2,
-        expert_hidden=32,
-    )
+    params["model"].update(TINY_MODEL)
     params["train"].update(
         epochs=2, batch_size=32, tasks=["ihm", "los_days"], primary_metric="val_auroc_ihm"
     )

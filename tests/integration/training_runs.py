@@ -9,6 +9,10 @@ import time
 from pathlib import Path
 
 SLOW_SAMPLE_S = 0.05
+# The model of every end-to-end test: as small as FuseMoE gets while still routing (4 experts, top-2).
+TINY_MODEL = dict(
+    d_model=16, n_heads=2, n_layers=1, num_ref_points=4, num_experts=4, top_k=2, expert_hidden=32
+)
 
 
 def recording_train(
