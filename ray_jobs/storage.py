@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from pyarrow import fs as pafs
 
+from fusemoe.data import location
+
 # The FlexiModal files; manifest.json goes last, so its presence means the upload is complete.
 DATASET_FILES = ("stays.parquet", "events.parquet", "manifest.json")
 LOCAL_TRACKING_SCHEMES = ("", "file", "sqlite")
@@ -39,7 +41,7 @@ def join(uri: str, *parts: str) -> str:
 
 
 def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(resolve(uri))
+    return location.resolve(uri)  # the one URI -> (filesystem, path) rule, shared with the readers
 
 
 def exists(uri: str) -> bool:
