@@ -31,6 +31,25 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
     return proc.stdout + proc.stderr
 
 
+def predict_refusal(records, stem: Path, work: Path, env: dict) -> str:
+    """Runs `fusemoe predict` on bad ``records``; asserts it fails without a traceback and writes
+    nothing, and returns its last stderr line (the one-line error)."""
+    src, dst = stem.with_suffix(".parquet"), stem.with_name(stem.name + "-out.parquet")
+    records.to_parquet(src)
+    proc = subprocess.run(
+        [str(BIN / "fusemoe"), "predict", str(src), str(dst)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0, (src, proc.stdout[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not dst.exists(), dst
+    return proc.stderr.strip().splitlines()[-1]
+
+
 def tiny_params(params: dict, tmp: Path) -> dict:
     # The synthetic source needs no PhysioNet files: no mirror, and no network either.
     params["data"].update(
@@ -212,21 +231,8 @@ def test_predict_cli_rejects_bad_records_and_writes_nothing(project, tmp_path):
         "non_numeric_value": records.astype({"value": object}).assign(value="high"),
     }
     for name, bad in cases.items():
-        src, dst = tmp_path / f"{name}.parquet", tmp_path / f"{name}-out.parquet"
-        bad.to_parquet(src)
-        proc = subprocess.run(
-            [str(BIN / "fusemoe"), "predict", str(src), str(dst)],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode != 0, name
-        last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith("error:") and str(src) in last, (name, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr, name
-        assert not dst.exists(), name
+        last = predict_refusal(bad, tmp_path / name, work, env)
+        assert last.startswith("error:") and str(tmp_path / f"{name}.parquet") in last, (name, last)
     good_src, good_dst = tmp_path / "good.parquet", tmp_path / "good-out.parquet"
     records.to_parquet(good_src)
     run([str(BIN / "fusemoe"), "predict", str(good_src), str(good_dst)], work, env)
