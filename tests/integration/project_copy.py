@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 # Committed outputs of the last `make repro`: a test's own run must produce them afresh.
 PIPELINE_OUTPUTS = ("dvc.lock", "metrics.json", "best_params.yaml")
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
@@ -38,3 +41,18 @@ def commit_all(work: Path, env: dict, message: str = "x") -> None:
     subprocess.run(
         [*GIT, "commit", "-qm", message], cwd=work, env=env, check=True, capture_output=True
     )
+
+
+def local_env(work: Path, tmp: Path) -> dict:
+    """The environment of a `dvc repro` on the copy: the venv's tools first, the copy's code,
+    a SQLite tracking store in ``tmp``, and an embedded Ray (never a cluster from the shell)."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": str(work),
+    }
+    env.pop("RAY_ADDRESS", None)
+    return env

@@ -6,14 +6,13 @@ Small synthetic data and a tiny model keep it to a couple of minutes on 2 CPU co
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from project_copy import commit_all, copy_project
+from project_copy import commit_all, copy_project, local_env
 from training_runs import TINY_MODEL
 
 pytestmark = pytest.mark.slow
@@ -86,15 +85,7 @@ def project(tmp_path_factory):
     copy_project(work)
     params = tiny_params(yaml.safe_load((work / "params.yaml").read_text()), tmp)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONPATH": str(work),
-    }
-    env.pop("RAY_ADDRESS", None)
+    env = local_env(work, tmp)
     commit_all(work, env)
     # prepare -> tune -> train -> evaluate -> register
     first = run(["dvc", "repro", "register"], work, env)

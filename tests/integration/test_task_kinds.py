@@ -6,7 +6,6 @@ multiclass metric and promotion decided on a multilabel one. Real DVC, Ray, Deep
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from project_copy import commit_all, copy_project
+from project_copy import commit_all, copy_project, local_env
 from test_pipeline import predict_refusal, run, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -36,15 +35,7 @@ def project(tmp_path_factory):
     params["tune"].update(num_samples=1, max_epochs=1, num_experts=[4], top_k=[2])
     params["registry"].update(model_name="fusemoe-kinds", metric=REGISTRY_METRIC)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONPATH": str(work),
-    }
-    env.pop("RAY_ADDRESS", None)
+    env = local_env(work, tmp)
     commit_all(work, env)
     run(["dvc", "repro", "register"], work, env)
     return work, env
