@@ -29,11 +29,11 @@ sys.path.insert(0, str(REPO))
 
 
 def recording_train(cfg: dict, report, restore_dir: Path | None = None) -> dict:
-    """fusemoe.train.train whose reports also say where and how the worker trained."""
+    """fusemoe.loop.train whose reports also say where and how the worker trained."""
     import torch
     import torch.distributed as dist
 
-    from fusemoe import train as fusemoe_train
+    from fusemoe import loop as training_loop
 
     def reporting(metrics: dict, checkpoint_dir: Path) -> None:
         report(
@@ -45,7 +45,7 @@ def recording_train(cfg: dict, report, restore_dir: Path | None = None) -> dict:
             checkpoint_dir,
         )
 
-    return fusemoe_train.train(cfg, reporting, restore_dir)
+    return training_loop.train(cfg, reporting, restore_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

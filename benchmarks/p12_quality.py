@@ -241,8 +241,10 @@ def train_member(
     from torch.utils.data import DataLoader
 
     from fusemoe.data.dataset import FlexiModalDataset, collate, dataset_spec, drop_modalities
+    from fusemoe.inference import predict
+    from fusemoe.loop import lr_scheduler, select_tasks, set_seed
+    from fusemoe.model_io import build_model
     from fusemoe.nn.losses import task_loss
-    from fusemoe.train import build_model, lr_scheduler, predict, select_tasks, set_seed
 
     set_seed(seed)
     spec = select_tasks(dataset_spec(load_manifest(data_dir)), [TASK])

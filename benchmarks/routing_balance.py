@@ -31,11 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 from fusemoe.data.dataset import FlexiModalDataset, collate, dataset_spec  # noqa: E402
 from fusemoe.data.flexi import load_manifest  # noqa: E402
+from fusemoe.loop import select_tasks, set_seed  # noqa: E402
 from fusemoe.metrics import binary_metrics  # noqa: E402
+from fusemoe.model_io import build_model  # noqa: E402
 from fusemoe.nn.losses import entropy, task_loss  # noqa: E402
 from fusemoe.nn.moe import BALANCE_SCOPES, MoELayer  # noqa: E402
 from fusemoe.nn.mtand import EXACT_MASS, MTANDEncoder  # noqa: E402
-from fusemoe.train import build_model, select_tasks, set_seed  # noqa: E402
 from pipelines.common import BEST_PARAMS, apply_best_params  # noqa: E402
 
 TASK = "ihm"

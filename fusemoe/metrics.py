@@ -7,6 +7,7 @@ the same way. Thresholds are always chosen on validation and applied unchanged t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.metrics import (
@@ -17,6 +18,9 @@ from sklearn.metrics import (
     mean_squared_error,
     roc_auc_score,
 )
+
+if TYPE_CHECKING:
+    from fusemoe.data.dataset import DataSpec
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
@@ -233,3 +237,25 @@ def best_index(scores: Sequence[float | None], metric: str) -> int:
     if not scored:
         raise ValueError(f"no {metric} among {len(scores)} score(s) to choose the best from")
     return -max(scored)[1]
+
+
+def output_to_prediction(kind: str, logits: np.ndarray) -> np.ndarray:
+    """Turns raw head outputs into what users consume: probabilities or regression values."""
+    if kind in ("binary", "multilabel"):
+        p = 1.0 / (1.0 + np.exp(-logits))
+        return p[:, 0] if kind == "binary" and p.ndim == 2 else p
+    if kind == "multiclass":
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    return logits[:, 0] if logits.ndim == 2 else logits
+
+
+def task_metrics(pred: dict, spec: DataSpec, prefix: str) -> dict[str, float]:
+    """Flat metric dict (e.g. val_auroc_ihm, val_macro_auroc_activity) for every task."""
+    metrics: dict[str, float] = {}
+    for task in spec.tasks:
+        yhat = output_to_prediction(task.kind, pred["logits"][task.name])
+        m = task_kind_metrics(task.kind, pred["labels"][task.name], yhat)
+        keys = KIND_METRICS[task.kind][1]
+        metrics.update({f"{prefix}_{k}_{task.name}": m[k] for k in keys})
+    return metrics

@@ -39,13 +39,13 @@ from pydantic import (
     model_validator,
 )
 
+from fusemoe.loop import LR_SCHEDULES
 from fusemoe.metrics import higher_is_better
 from fusemoe.nn.experts import Backend
 from fusemoe.nn.gates import GATE_TYPES
 from fusemoe.nn.model import FuseMoEConfig
 from fusemoe.nn.moe import BALANCE_SCOPES, ROUTER_TYPES
 from fusemoe.parallel.engine import PRECISIONS, deepspeed_config
-from fusemoe.train import LR_SCHEDULES
 
 DATA_SOURCES = ("physionet2012", "synthetic", "flexi")
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fusemoe.data.dataset import FlexiModalDataset, collate, drop_modalities
+from fusemoe.inference import NonFinitePrediction, predict, predictions_table
 from fusemoe.metrics import (
     KIND_METRICS,
     best_f1_threshold,
@@ -24,15 +25,10 @@ from fusemoe.metrics import (
     bootstrap_ci,
     calibration_curve,
     multilabel_metrics,
+    output_to_prediction,
     task_kind_metrics,
 )
-from fusemoe.train import (
-    NonFinitePrediction,
-    load_model,
-    output_to_prediction,
-    predict,
-    predictions_table,
-)
+from fusemoe.model_io import load_model
 from pipelines.common import (
     HISTORY_FILE,
     TRAIN_DIR,

@@ -147,11 +147,11 @@ def records_to_tables(
 
 
 class FuseMoEPyfunc(mlflow.pyfunc.PythonModel):
-    """Per stay, from raw records: the columns of fusemoe.train.predictions_table (probabilities,
+    """Per stay, from raw records: the columns of fusemoe.inference.predictions_table (probabilities,
     values, per-class/per-label probabilities and the predicted class)."""
 
     def load_context(self, context) -> None:
-        from fusemoe.train import load_model
+        from fusemoe.model_io import load_model
 
         self.model, self.spec = load_model(Path(context.artifacts["model_dir"]))
         self.manifest = json.loads(Path(context.artifacts["manifest"]).read_text())
@@ -168,7 +168,7 @@ def score_records(model, spec, manifest: dict, records: pd.DataFrame) -> pd.Data
 
     from fusemoe.data.dataset import FlexiModalDataset, collate
     from fusemoe.data.flexi import FlexiModalError
-    from fusemoe.train import NonFinitePrediction, predict, predictions_table
+    from fusemoe.inference import NonFinitePrediction, predict, predictions_table
 
     if not isinstance(records, pd.DataFrame):
         raise RecordsError(f"records: expected a pandas DataFrame, got {type(records).__name__}")

@@ -109,7 +109,8 @@ def rescore(name: str, version: str, metric: str, data_dir: Path) -> float:
 
     from fusemoe.data.dataset import FlexiModalDataset, collate
     from fusemoe.data.flexi import FlexiModalError
-    from fusemoe.train import predict, task_metrics
+    from fusemoe.inference import predict
+    from fusemoe.metrics import task_metrics
 
     if not metric.startswith(EVAL_PREFIX + "val_"):
         raise RescoreError(f"only validation metrics (eval_val_*) can be re-scored, not {metric}")

@@ -1,4 +1,4 @@
-"""Ray Train job: a TorchTrainer whose workers run the FuseMoE DeepSpeed loop of fusemoe.train.
+"""Ray Train job: a TorchTrainer whose workers run the FuseMoE DeepSpeed loop of fusemoe.loop.
 
 Local by default (an embedded Ray on 127.0.0.1); set RAY_ADDRESS (or params `ray.address`) to run
 on a cluster. The Ray run is named after a hash of the configuration, so re-running an interrupted
@@ -16,13 +16,13 @@ import ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from fusemoe import train as fusemoe_train
+from fusemoe import loop as training_loop
 from fusemoe.metrics import best_index, metric_mode
 from ray_jobs import storage
 
 COMPLETE_MARKER = "COMPLETE"
 
-# fusemoe.train.train's signature: (cfg, report, restore_dir) -> {"metrics", "history"}.
+# fusemoe.loop.train's signature: (cfg, report, restore_dir) -> {"metrics", "history"}.
 TrainFn = Callable[..., dict]
 
 
@@ -56,7 +56,7 @@ def init_ray(ray_params: dict) -> None:
         )
 
 
-def _worker(config: dict, train_fn: TrainFn = fusemoe_train.train) -> dict:
+def _worker(config: dict, train_fn: TrainFn = training_loop.train) -> dict:
     """Runs on every Ray Train worker; rank 0 alone talks to MLflow."""
     rank = ray.train.get_context().get_world_rank()
     mlflow_run = None
@@ -108,7 +108,7 @@ def run_training(
 
     `params` holds the params.yaml sections model, train, deepspeed, ray. `data_dir` is a path
     or a pyarrow URI that every worker can read (storage.dataset_uri). `train_fn` replaces
-    fusemoe.train.train on the workers (same signature); tests use it to inject failures. With
+    fusemoe.loop.train on the workers (same signature); tests use it to inject failures. With
     remote storage the best checkpoint is downloaded to a local temporary directory.
     """
     rp, tp = params["ray"], params["train"]

@@ -1,7 +1,7 @@
 """Ray Tune search over FuseMoE's routing knobs: experts, top-K, entropy weight, gate (and lr).
 
 Optuna (TPE) proposes configurations, ASHA stops weak trials after `grace_period` epochs on the
-validation metric. Each trial trains through the same loop as the train stage (fusemoe.train):
+validation metric. Each trial trains through the same loop as the train stage (fusemoe.loop):
 in the trial's own process with a one-rank group when `tune.trial_workers` is 1 (the default: no
 extra actors, per-epoch checkpoints go straight to Tune), or as a TorchTrainer of
 `trial_workers` ranks driven by a trial that reserves almost no CPU. The experiment lives under
@@ -142,7 +142,7 @@ def starting_point(params: dict) -> dict | None:
 
 
 def trial_train_config(base: dict, sample: dict) -> dict:
-    """fusemoe.train's cfg for one trial: the base sections with the sampled knobs and tune budget."""
+    """fusemoe.loop's cfg for one trial: the base sections with the sampled knobs and tune budget."""
     tp = base["tune"]
     model = {**base["model"], **{k: sample[k] for k in MODEL_KNOBS}}
     train = {
@@ -177,7 +177,7 @@ def _trial(sample: dict, base: dict) -> None:
 
     import torch
 
-    from fusemoe import train as fusemoe_train
+    from fusemoe import loop as training_loop
 
     torch.set_num_threads(max(1, int(base["tune"].get("cpus_per_trial", 1))))
 
@@ -186,10 +186,10 @@ def _trial(sample: dict, base: dict) -> None:
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        fusemoe_train.train(cfg, report)
+        training_loop.train(cfg, report)
         return
     with checkpoint.as_directory() as restore_dir:
-        fusemoe_train.train(cfg, report, Path(restore_dir))
+        training_loop.train(cfg, report, Path(restore_dir))
 
 
 def _trial_torch_trainer(cfg: dict, base: dict) -> None:

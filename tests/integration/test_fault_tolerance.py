@@ -1,6 +1,6 @@
 """Fault tolerance of the Ray Train + DeepSpeed job: real Ray, real DeepSpeed (CPU, gloo), real MLflow.
 
-Failures are injected by a test-only wrapper around fusemoe.train.train (run_training's `train_fn`):
+Failures are injected by a test-only wrapper around fusemoe.loop.train (run_training's `train_fn`):
 rank 0 calls os._exit(1) once, right after an epoch's checkpoint is registered with Ray Train. A
 marker file makes the restarted attempt run normally. Every attempt appends what it restored and
 what it reported to a JSON-lines event log in tmp_path, which the tests read back.

@@ -245,7 +245,10 @@ import torch
 from torch.utils.data import DataLoader
 from fusemoe.data.dataset import FlexiModalDataset, collate
 from fusemoe.data.synthetic import write_synthetic
-from fusemoe.train import load_model, predict, save_model, task_metrics, train
+from fusemoe.inference import predict
+from fusemoe.loop import train
+from fusemoe.metrics import task_metrics
+from fusemoe.model_io import load_model, save_model
 
 out = Path(sys.argv[1])
 write_synthetic(out / "data_a", num_stays=300, seed=1)

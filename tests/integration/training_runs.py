@@ -21,7 +21,7 @@ def recording_train(
     marker: Path | None = None,
     slow_after_epoch: int = 0,
 ):
-    """fusemoe.train.train that logs restores/reports to `events` and, once, kills rank 0 after
+    """fusemoe.loop.train that logs restores/reports to `events` and, once, kills rank 0 after
     `crash_after_epoch`'s checkpoint is registered (0 = never). After `slow_after_epoch` (0 =
     never) every sample takes SLOW_SAMPLE_S longer to load, so the next epoch lasts long enough
     for a test to interrupt it (the numbers are unchanged)."""
@@ -30,7 +30,7 @@ def recording_train(
         import ray
         import ray.train
 
-        from fusemoe import train as fusemoe_train
+        from fusemoe import loop as training_loop
 
         rank = ray.train.get_context().get_world_rank()
 
@@ -40,7 +40,7 @@ def recording_train(
 
         restored = None
         if restore_dir is not None:
-            restored = json.loads((restore_dir / fusemoe_train.STATE_FILE).read_text())["epoch"] + 1
+            restored = json.loads((restore_dir / training_loop.STATE_FILE).read_text())["epoch"] + 1
         node = ray.get_runtime_context().get_node_id()
         log(start=True, restored_after_epoch=restored, node=node)
 
@@ -67,7 +67,7 @@ def recording_train(
                 marker.touch()
                 os._exit(1)
 
-        return fusemoe_train.train(cfg, reporting, restore_dir)
+        return training_loop.train(cfg, reporting, restore_dir)
 
     return train_fn
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from fusemoe.train import lr_factor
+from fusemoe.loop import lr_factor
 
 
 def test_constant_schedule_keeps_the_base_rate_after_warmup():

@@ -9,7 +9,8 @@ import yaml
 from fusemoe.data.dataset import dataset_spec
 from fusemoe.data.flexi import load_manifest
 from fusemoe.data.synthetic import write_synthetic
-from fusemoe.train import build_model, set_seed
+from fusemoe.loop import set_seed
+from fusemoe.model_io import build_model
 from pipelines.packaging import RecordsError, example_records, score_records
 
 TINY_MODEL = {

@@ -5,13 +5,14 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fusemoe.data.dataset import DataSpec, TaskSpec
+from fusemoe.inference import NonFinitePrediction, predictions_table
 from fusemoe.metrics import (
     KIND_METRICS,
     higher_is_better,
     multiclass_metrics,
     multilabel_metrics,
+    task_metrics,
 )
-from fusemoe.train import NonFinitePrediction, predictions_table, task_metrics
 
 RNG = np.random.default_rng(0)
 

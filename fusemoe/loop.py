@@ -1,4 +1,4 @@
-"""One training loop for FuseMoE: CPU or GPU, a single process or one rank of many.
+"""The one training loop for FuseMoE: CPU or GPU, a single process or one rank of many.
 
 The loop drives a DeepSpeed engine (ZeRO 0-2, optional expert parallelism) and knows nothing about
 Ray or MLflow: the caller passes `report(metrics, checkpoint_dir)` and, when resuming, the directory
@@ -15,7 +15,6 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +32,11 @@ from fusemoe.data.dataset import (
     drop_modalities,
 )
 from fusemoe.data.flexi import load_manifest
-from fusemoe.metrics import KIND_METRICS, task_kind_metrics
+from fusemoe.inference import predict
+from fusemoe.metrics import task_metrics
+from fusemoe.model_io import build_model, save_model
 from fusemoe.nn.losses import task_loss
-from fusemoe.nn.model import FuseMoE, FuseMoEConfig
 
-MODEL_FILE = "model.pt"
-MODEL_CONFIG_FILE = "model_config.json"
 STATE_FILE = "train_state.json"
 
 Report = Callable[[dict, Path], None]
@@ -82,10 +80,6 @@ def lr_scheduler(
     )
 
 
-def build_model(model_params: dict, spec: DataSpec) -> FuseMoE:
-    return FuseMoE(FuseMoEConfig.from_params(model_params), spec)
-
-
 def select_tasks(spec: DataSpec, names: list[str]) -> DataSpec:
     """Restrict a dataset's tasks to those being trained, with a clear error for unknown names."""
     known = {t.name: t for t in spec.tasks}
@@ -95,104 +89,6 @@ def select_tasks(spec: DataSpec, names: list[str]) -> DataSpec:
             f"params.yaml train.tasks: unknown task(s) {unknown}; dataset has {sorted(known)}"
         )
     return DataSpec(series=spec.series, static_dim=spec.static_dim, tasks=[known[n] for n in names])
-
-
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    transform: Callable[[dict], dict] | None = None,
-) -> dict:
-    """Scores every sample of `loader`; returns stay ids, per-task outputs, labels and which
-    modalities each sample had, as numpy. `transform` may edit a batch first (e.g. drop modalities).
-    """
-    model.eval()
-    outs: dict[str, list] = {}
-    labels: dict[str, list] = {}
-    present: dict[str, list] = {}
-    stay_ids: list[str] = []
-    usage, n_seen = None, 0
-    for batch in loader:
-        batch = batch_to(batch, device)
-        if transform is not None:
-            batch = transform(batch)
-        out = model(batch)
-        if "expert_usage" in out.routing:  # [modalities, experts], averaged over samples
-            b = len(batch["stay_id"])
-            u = out.routing["expert_usage"].float().cpu() * b
-            usage = u if usage is None else usage + u
-            n_seen += b
-        for m, flags in batch["present"].items():
-            present.setdefault(m, []).append(flags.cpu())
-        for task, logits in out.logits.items():
-            outs.setdefault(task, []).append(logits.float().cpu())
-            labels.setdefault(task, []).append(batch["labels"][task].float().cpu())
-        stay_ids.extend(batch["stay_id"])
-    return {
-        "stay_id": stay_ids,
-        "logits": {t: torch.cat(v).numpy() for t, v in outs.items()},
-        "labels": {t: torch.cat(v).numpy() for t, v in labels.items()},
-        "present": {m: torch.cat(v).numpy().astype(bool) for m, v in present.items()},
-        "expert_usage": None if usage is None else (usage / n_seen).numpy(),
-    }
-
-
-def output_to_prediction(kind: str, logits: np.ndarray) -> np.ndarray:
-    """Turns raw head outputs into what users consume: probabilities or regression values."""
-    if kind in ("binary", "multilabel"):
-        p = 1.0 / (1.0 + np.exp(-logits))
-        return p[:, 0] if kind == "binary" and p.ndim == 2 else p
-    if kind == "multiclass":
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    return logits[:, 0] if logits.ndim == 2 else logits
-
-
-class NonFinitePrediction(ValueError):
-    """A model output that is NaN or infinite (e.g. from an extreme input value): never written."""
-
-
-def predictions_table(pred: dict, spec: DataSpec):
-    """One row per stay: prob_<task> (binary), <task> (regression), prob_<task>_<k> per class and
-    pred_<task> (multiclass: the most probable class), prob_<task>_<k> per label (multilabel).
-
-    Every output must be finite, so no prediction file or pyfunc answer ever holds a NaN: a
-    non-finite one raises NonFinitePrediction naming the stay."""
-    import pandas as pd
-
-    columns: dict[str, np.ndarray] = {"stay_id": np.asarray(pred["stay_id"], dtype=object)}
-    for task in spec.tasks:
-        out = output_to_prediction(task.kind, pred["logits"][task.name])
-        if task.kind == "binary":
-            columns[f"prob_{task.name}"] = out.reshape(-1)
-        elif task.kind == "regression":
-            columns[task.name] = out.reshape(-1)
-        else:
-            out = out.reshape(len(columns["stay_id"]), -1)
-            columns.update({f"prob_{task.name}_{k}": out[:, k] for k in range(out.shape[1])})
-            if task.kind == "multiclass":
-                columns[f"pred_{task.name}"] = out.argmax(1).astype(np.int16)
-    for name, values in columns.items():
-        bad = ~np.isfinite(values) if name != "stay_id" else np.zeros(len(values), bool)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise NonFinitePrediction(
-                f"stay '{columns['stay_id'][i]}': prediction {name} is {values[i]} "
-                f"({int(bad.sum())} stay(s) affected); check its input values for extremes"
-            )
-    return pd.DataFrame(columns)
-
-
-def task_metrics(pred: dict, spec: DataSpec, prefix: str) -> dict[str, float]:
-    """Flat metric dict (e.g. val_auroc_ihm, val_macro_auroc_activity) for every task."""
-    metrics: dict[str, float] = {}
-    for task in spec.tasks:
-        yhat = output_to_prediction(task.kind, pred["logits"][task.name])
-        m = task_kind_metrics(task.kind, pred["labels"][task.name], yhat)
-        keys = KIND_METRICS[task.kind][1]
-        metrics.update({f"{prefix}_{k}_{task.name}": m[k] for k in keys})
-    return metrics
 
 
 def _rank() -> int:
@@ -219,31 +115,6 @@ def _init_distributed(backend: str) -> None:
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
         )
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-
-
-def save_model(state: dict, model_params: dict, spec: DataSpec, out_dir: Path) -> None:
-    """A self-contained copy of the weights and the config needed to rebuild the model."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out_dir / MODEL_FILE)
-    (out_dir / MODEL_CONFIG_FILE).write_text(
-        json.dumps({"model": model_params, "spec": asdict(spec)}, indent=2)
-    )
-
-
-def load_model(model_dir: Path) -> tuple[FuseMoE, DataSpec]:
-    """Rebuilds a model saved by `save_model` (weights only, never pickled code)."""
-    from fusemoe.data.dataset import TaskSpec
-
-    cfg = json.loads((Path(model_dir) / MODEL_CONFIG_FILE).read_text())
-    s = cfg["spec"]
-    spec = DataSpec(
-        series=s["series"], static_dim=s["static_dim"], tasks=[TaskSpec(**t) for t in s["tasks"]]
-    )
-    model = build_model(cfg["model"], spec)
-    state = torch.load(Path(model_dir) / MODEL_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    model.eval()
-    return model, spec
 
 
 def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print) -> dict:
