@@ -39,6 +39,26 @@ EVENTS_SCHEMA = pa.schema(
 )
 
 
+def embedding_schema(width: int) -> pa.Schema:
+    """One vector per (stay, time) of an embedding modality (a note, an image, an ECG), stored in
+    its own file `embeddings/<modality>.parquet`. A fixed-size list keeps the vectors in one
+    contiguous float32 buffer (zero-copy to a [rows, width] array), and keeping them out of the
+    long scalar events table spares every scalar row an empty vector column."""
+    return pa.schema(
+        [
+            pa.field("stay_id", pa.string(), nullable=False),
+            pa.field("time_h", pa.float32(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), width), nullable=False),
+        ],
+        metadata=_META,
+    )
+
+
+def embedding_file(modality: str) -> str:
+    """Where an embedding modality's vectors live inside a FlexiModal directory."""
+    return f"embeddings/{modality}.parquet"
+
+
 def static_variables(manifest: dict) -> list[str]:
     """Variables of the (at most one) static modality, in manifest order."""
     for m in manifest["modalities"]:
