@@ -3,6 +3,8 @@
 fusemoe predict records.parquet predictions.parquet [--model models:/fusemoe-ihm@champion]
 fusemoe promote 3 [--force]
 fusemoe rollback
+fusemoe embed notes.parquet --item-column text --encoder my_encoders:encode --modality note \
+    --out my_data
 """
 
 from __future__ import annotations
@@ -107,6 +109,35 @@ def cmd_rollback(args, params: dict) -> None:
     print(f"rollback: champion {current.version} -> {previous.version}")
 
 
+def cmd_embed(args, params: dict) -> None:
+    from fusemoe.data.flexi import FlexiModalError
+    from pipelines.embed import EncoderError, embed
+
+    try:
+        done = embed(
+            args.items,
+            args.out,
+            args.modality,
+            args.encoder,
+            args.item_column,
+            batch_size=args.batch_size,
+            chunk_batches=args.chunk_batches,
+            restart=args.restart,
+        )
+    except (FlexiModalError, EncoderError) as e:
+        sys.exit(f"error: {e}")
+    print(
+        f"embed: {done['rows']} items -> {done['path']} (width {done['width']}; "
+        f"{done['encoded']} of {done['parts']} parts encoded in this run, the rest resumed)"
+    )
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fusemoe", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -122,8 +153,19 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_promote)
     p = sub.add_parser("rollback", help="make the previous champion the champion again")
     p.set_defaults(fn=cmd_rollback)
+    p = sub.add_parser("embed", help="encode raw items into an embedding modality (resumable)")
+    p.add_argument("items", help="Parquet table: stay_id, time_h and the item column")
+    p.add_argument("--item-column", required=True, help="the column of raw items (text, a path)")
+    p.add_argument("--encoder", required=True, help="module:function, batch of items -> [n, width]")
+    p.add_argument("--modality", required=True, help="the embedding modality's name")
+    p.add_argument("--out", required=True, help="the FlexiModal directory to add it to")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--chunk-batches", type=_positive, default=16, help="batches per saved part")
+    p.add_argument("--restart", action="store_true", help="discard saved progress")
+    p.set_defaults(fn=cmd_embed, sections=())
     args = parser.parse_args(argv)
-    args.fn(args, load_params(args.params, ("data", "mlflow", "registry")))
+    sections = getattr(args, "sections", ("data", "mlflow", "registry"))
+    args.fn(args, load_params(args.params, sections) if sections else {})
 
 
 if __name__ == "__main__":
