@@ -362,6 +362,8 @@ def embed(
     except BaseException:
         if not any(work.glob("part-*.parquet")):
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave no trace
+            if not any(target.parent.iterdir()):
+                target.parent.rmdir()
         raise
 
     table = pa.concat_tables([pq.read_table(p) for p in parts])
