@@ -126,9 +126,13 @@ def cmd_embed(args, params: dict) -> None:
         )
     except (FlexiModalError, EncoderError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("embed: interrupted; the same command resumes from the saved parts", file=sys.stderr)
+        sys.exit(130)
+    resumed = done["parts"] - done["encoded"]
     print(
         f"embed: {done['rows']} items -> {done['path']} (width {done['width']}; "
-        f"{done['encoded']} of {done['parts']} parts encoded in this run, the rest resumed)"
+        f"{done['encoded']} of {done['parts']} parts encoded now, {resumed} resumed)"
     )
 
 

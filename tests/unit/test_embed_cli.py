@@ -137,7 +137,7 @@ def test_run_killed_mid_way_resumes_from_its_last_saved_part_and_equals_an_unint
     resumed = fusemoe_embed(data, *args, env=calls)
     assert resumed.returncode == 0, resumed.stderr
     assert (data / "calls").read_text().split() == ["4"] * 11  # batches 4-14 only
-    assert "6 of 8 parts encoded in this run" in resumed.stdout
+    assert "6 of 8 parts encoded now, 2 resumed" in resumed.stdout
     assert file_sha256(output(data)) == file_sha256(output(clean))
     assert manifest(data) == manifest(clean)
 
