@@ -5,6 +5,7 @@ bad-input families call `pipelines.embed.embed` in-process (the CLI prints its m
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -211,6 +212,8 @@ BAD_INPUT = {
         lambda df: df.drop(columns="stay_id"),
         "column 'stay_id': required column is missing",
     ),
+    "null stay": (_set("stay_id", 8, None), "row 8, column 'stay_id': missing (null) value"),
+    "no rows": (lambda df: df.iloc[:0], "no rows to encode"),
     "null item": (_set("text", 7, None), "row 7, column 'text': missing (null) item"),
     "null time": (
         lambda df: df.astype({"time_h": "Float64"}).pipe(_set("time_h", 3, pd.NA)),
@@ -267,9 +270,35 @@ def test_unreadable_or_missing_input_file_is_one_line(data, content, expected):
     assert not (data / "flexi" / "embeddings").exists()
 
 
-def test_modality_name_of_a_series_modality_is_refused(data):
-    with pytest.raises(FlexiModalError, match="modality 'vitals' is already a series modality"):
-        embed(data / "notes.parquet", data / "flexi", "vitals", HASHING, "text")
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("vitals", "modality 'vitals' is already a series modality"),
+        ("../note", "modality name '../note': use letters, digits"),
+    ],
+)
+def test_modality_name_of_a_series_modality_or_not_a_plain_name_is_refused(data, name, expected):
+    with pytest.raises(FlexiModalError, match=re.escape(expected)):
+        embed(data / "notes.parquet", data / "flexi", name, HASHING, "text")
+    assert not (data / "flexi" / "embeddings").exists()
+
+
+@pytest.mark.parametrize("missing", ["manifest.json", STAYS_FILE])
+def test_out_directory_without_manifest_or_stays_is_refused(data, missing):
+    (data / "flexi" / missing).unlink()
+    with pytest.raises(FlexiModalError, match=f"{missing}: file not found"):
+        embed_notes(data)
+    assert not (data / "flexi" / "embeddings").exists()
+
+
+def test_encoder_module_failing_at_import_is_one_line(data, tmp_path, monkeypatch):
+    (tmp_path / "broken_encoders.py").write_text("raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    with pytest.raises(EncoderError) as info:
+        embed_notes(data, "broken_encoders:encode")
+    assert str(info.value) == (
+        "encoder broken_encoders:encode: importing 'broken_encoders' raised RuntimeError: no GPU here"
+    )
 
 
 BAD_ENCODER = {
