@@ -262,6 +262,8 @@ def _join_parts(parts: list[Path], items: Items, target: Path) -> int:
     returns the width. Each part's rows are checked against the input's, so a stale part can never
     put a vector on the wrong (stay, time)."""
     schema = pq.read_schema(parts[0])
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a run killed here
+        stale.unlink()
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # open()'s mode, as mkdir's
     try:
         with pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS) as writer:
@@ -350,7 +352,8 @@ def embed(
     replace) `{"name", "kind": "embedding", "width"}` in `out_dir/manifest.json`.
 
     Returns a summary: rows, width, the output path and how many parts were encoded in this run.
-    Bad input raises FlexiModalError, a bad encoder EncoderError, before anything is written."""
+    Bad input raises FlexiModalError, a bad encoder EncoderError; the output file and the
+    manifest are then untouched (parts saved before an encoder error stay, for the rerun)."""
     input_path, out_dir = Path(input_path), Path(out_dir)
     manifest_path = out_dir / MANIFEST_FILE
     manifest = _read_manifest(manifest_path)
@@ -364,8 +367,6 @@ def embed(
                 manifest_path,
                 f"modality '{modality}' is already a {m.get('kind')} modality; choose another name",
             )
-    if item_column in ("stay_id", "time_h"):
-        raise FlexiModalError(input_path, f"the item column cannot be '{item_column}'")
     items = read_items(input_path, item_column, out_dir / STAYS_FILE)
     encode = load_encoder(encoder)
 

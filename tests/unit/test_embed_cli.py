@@ -171,6 +171,17 @@ def test_a_second_run_replaces_the_modality_and_its_manifest_entry(data):
     ]
 
 
+def test_integer_stay_ids_match_the_string_stay_ids_of_stays_parquet(data):
+    ids = [str(1000 + i) for i in range(12)]
+    pq.write_table(pa.table({"stay_id": ids}), data / "flexi" / STAYS_FILE)
+    df = notes(data)
+    codes = {s: k for k, s in enumerate(sorted(df["stay_id"].unique()))}
+    df["stay_id"] = df["stay_id"].map(codes) + 1000
+    _write(df, data / "notes.parquet")
+    embed_notes(data)
+    assert sorted(set(pq.read_table(output(data)).column("stay_id").to_pylist())) == ids
+
+
 def test_a_torch_tensor_from_the_encoder_is_stored_as_float32(data):
     embed_notes(data, "embed_encoders:as_torch")
     vectors = pq.read_table(output(data)).column("vector").to_numpy(zero_copy_only=False)
