@@ -163,8 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--encoder", required=True, help="module:function, batch of items -> [n, width]")
     p.add_argument("--modality", required=True, help="the embedding modality's name")
     p.add_argument("--out", required=True, help="the FlexiModal directory to add it to")
-    p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--chunk-batches", type=_positive, default=16, help="batches per saved part")
+    p.add_argument("--batch-size", type=_positive, default=64, help="items per encoder call (64)")
+    p.add_argument(
+        "--chunk-batches", type=_positive, default=16, help="batches per saved part (16)"
+    )
     p.add_argument("--restart", action="store_true", help="discard saved progress")
     p.set_defaults(fn=cmd_embed, sections=())
     args = parser.parse_args(argv)
