@@ -1,4 +1,4 @@
-"""`fusemoe` console script: predict with a registered model, promote or roll back the champion.
+"""`fusemoe` console script: predict, promote or roll back the champion, embed raw items.
 
 fusemoe predict records.parquet predictions.parquet [--model models:/fusemoe-ihm@champion]
 fusemoe promote 3 [--force]

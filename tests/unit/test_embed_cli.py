@@ -94,6 +94,7 @@ def manifest(data: Path) -> dict:
 
 def test_notes_become_an_embedding_modality_holding_the_encoders_vectors_in_stay_time_order(data):
     before = manifest(data)
+    mode = (data / "flexi" / "manifest.json").stat().st_mode
     assert embed_notes(data) == {
         "rows": 60, "width": 64, "path": str(output(data)), "parts": 8, "encoded": 8
     }  # fmt: skip
@@ -114,6 +115,8 @@ def test_notes_become_an_embedding_modality_holding_the_encoders_vectors_in_stay
         k: v for k, v in before.items() if k != "modalities"
     }
     assert os.listdir(output(data).parent) == [output(data).name]  # no work directory left
+    assert (data / "flexi" / "manifest.json").stat().st_mode == mode  # rewritten, not chmod 600
+    assert output(data).stat().st_mode == (data / "flexi" / STAYS_FILE).stat().st_mode
 
 
 def test_run_killed_mid_way_resumes_from_its_last_saved_part_and_equals_an_uninterrupted_run(
