@@ -33,6 +33,7 @@ from fusemoe.data.flexi import MANIFEST_FILE, STAYS_FILE, FlexiModalError, cast_
 from fusemoe.data.schema import embedding_file, embedding_schema, is_string_type
 from pipelines.common import file_sha256, write_json_atomic
 
+EMBEDDING_VERSION = "1.1"  # the FlexiModal schema version that introduced embedding modalities
 WORK_FORMAT = 1  # bump when the work directory's layout changes: older progress is then discarded
 # Dictionary-encoding float vectors only costs time (3x the write on real embeddings, no smaller).
 PARQUET_OPTIONS = {"use_dictionary": ["stay_id"]}
@@ -337,6 +338,19 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
+def _require_embedding_version(manifest: dict) -> None:
+    """A manifest that states a FlexiModal version older than 1.1 (the first with embedding
+    modalities) is raised to 1.1: the validator refuses an embedding modality in a 1.0 manifest.
+    Without the key the reader's own version applies, so none is added."""
+    version = str(manifest.get("schema_version", EMBEDDING_VERSION))
+    try:
+        older = tuple(map(int, version.split("."))) < (1, 1)
+    except ValueError:
+        older = False  # not a version: left for the validator to report
+    if older:
+        manifest["schema_version"] = EMBEDDING_VERSION
+
+
 def embed(
     input_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -394,6 +408,7 @@ def embed(
         raise
 
     width = _join_parts(parts, items, target)
+    _require_embedding_version(manifest)
     entry = {"name": modality, "kind": "embedding", "width": width}
     mods = manifest["modalities"]
     same = [k for k, m in enumerate(mods) if isinstance(m, dict) and m.get("name") == modality]

@@ -93,8 +93,10 @@ def manifest(data: Path) -> dict:
 
 
 def test_notes_become_an_embedding_modality_holding_the_encoders_vectors_in_stay_time_order(data):
+    path = data / "flexi" / "manifest.json"
+    path.write_text(json.dumps(manifest(data) | {"schema_version": "1.0"}))  # as a 1.0 writer's
     before = manifest(data)
-    mode = (data / "flexi" / "manifest.json").stat().st_mode
+    mode = path.stat().st_mode
     assert embed_notes(data) == {
         "rows": 60, "width": 64, "path": str(output(data)), "parts": 8, "encoded": 8
     }  # fmt: skip
@@ -111,11 +113,12 @@ def test_notes_become_an_embedding_modality_holding_the_encoders_vectors_in_stay
         *before["modalities"],
         {"name": MODALITY, "kind": "embedding", "width": 64},
     ]
-    assert {k: v for k, v in after.items() if k != "modalities"} == {
-        k: v for k, v in before.items() if k != "modalities"
+    assert after["schema_version"] == "1.1"  # the validator wants 1.1 for an embedding modality
+    assert {k: v for k, v in after.items() if k not in ("modalities", "schema_version")} == {
+        k: v for k, v in before.items() if k not in ("modalities", "schema_version")
     }
     assert os.listdir(output(data).parent) == [output(data).name]  # no work directory left
-    assert (data / "flexi" / "manifest.json").stat().st_mode == mode  # rewritten, not chmod 600
+    assert path.stat().st_mode == mode  # rewritten, not made 0600
     assert output(data).stat().st_mode == (data / "flexi" / STAYS_FILE).stat().st_mode
 
 
