@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +135,8 @@ def test_run_killed_mid_way_resumes_from_its_last_saved_part_and_equals_an_unint
     before = (data / "flexi" / "manifest.json").read_bytes()
     calls = {"EMBED_CALLS": str(data / "calls")}
     args = ("--encoder", "embed_encoders:counting", *SIZES)
-    # Batch 6 dies: parts 0 and 1 (batches 0-3) are saved, batch 4 is lost with the process.
+    # The 6th call (batch 5) kills the process: parts 0 and 1 (batches 0-3) are saved, batch 4's
+    # vectors die with it.
     killed = fusemoe_embed(data, *args, env=calls | {"EMBED_KILL_AT": "6"})
     assert killed.returncode == -9
     assert not output(data).exists()
@@ -196,7 +198,7 @@ def test_a_torch_tensor_from_the_encoder_is_stored_as_float32(data):
     np.testing.assert_array_equal(np.stack(vectors), hashing_text(texts))
 
 
-def _set(column: str, row: int, value) -> callable:
+def _set(column: str, row: int, value) -> Callable:
     def edit(df: pd.DataFrame) -> pd.DataFrame:
         df = df.astype({column: object}) if value is None else df
         df.loc[row, column] = value
@@ -205,7 +207,7 @@ def _set(column: str, row: int, value) -> callable:
     return edit
 
 
-def _nan_time(row: int) -> callable:
+def _nan_time(row: int) -> Callable:
     """A NaN (not null) time, which pandas would write as null."""
 
     def edit(df: pd.DataFrame) -> pa.Table:
