@@ -9,7 +9,8 @@ a fresh process and records its wall time, events/s and peak RSS (getrusage of t
 show whether prepare holds the whole dataset in memory, the same run also measures, each in a
 fresh process: the RSS of a process that only imports prepare (the floor), and the peak RSS of
 one that reads every shard into one Arrow table (the events table's size in memory, also given
-as Arrow nbytes). Results are written after each step, so a partial run still leaves JSON.
+as Arrow nbytes); and prepare again with a 12 h window (same input, a quarter of the output): a
+reader that held the input would need the same memory for both. Results are written after each step, so a partial run still leaves JSON.
 """
 
 from __future__ import annotations
@@ -54,6 +55,26 @@ def _child(setup: list[str], code: list[str]) -> tuple[float, float, str]:
         raise SystemExit(f"child failed: {out.stderr.strip().splitlines()[-1:]}")
     lines = dict(ln.split(" ", 1) for ln in out.stdout.splitlines() if " " in ln)
     return float(lines["WALL"]), int(lines["RSS"]) / 1024, out.stdout
+
+
+def _prepare(work: Path, window_h: float) -> tuple[float, float, str, dict]:
+    """`python -m pipelines.prepare` (source meds) in a fresh process: wall, peak RSS, output,
+    the written manifest."""
+    params = work / "params.yaml"
+    data = {
+        "source": "meds",
+        "out_dir": str(work / "processed"),
+        "meds": {
+            "dataset_dir": str(work / "meds"),
+            "labels": str(work / "labels.parquet"),
+            "window_h": window_h,
+        },
+    }
+    params.write_text(yaml.safe_dump({"data": data}))
+    wall, rss, stdout = _child(
+        ["import pipelines.prepare as p"], [f"rc = p.main(['--params', {str(params)!r}])"]
+    )
+    return wall, rss, stdout, json.loads((work / "processed" / "manifest.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,33 +134,31 @@ def main(argv: list[str] | None = None) -> int:
         result["import_only_rss_mib"] = round(floor, 1)
         write_json_atomic(out, result)
 
-        params = work / "params.yaml"
-        data = {
-            "source": "meds",
-            "out_dir": str(work / "processed"),
-            "meds": {"dataset_dir": str(work / "meds"), "labels": str(work / "labels.parquet")},
-        }
-        params.write_text(yaml.safe_dump({"data": data}))
-        wall, rss, stdout = _child(
-            ["import pipelines.prepare as p"], [f"rc = p.main(['--params', {str(params)!r}])"]
-        )
-        manifest = json.loads((work / "processed" / "manifest.json").read_text())
         events = made["events"]
-        result["prepare"] = {
-            "wall_s": round(wall, 2),
-            "events_per_s": round(events / wall),
-            "peak_rss_mib": round(rss, 1),
-            "peak_rss_above_import_mib": round(rss - floor, 1),
-            "stays": manifest["counts"]["stays"],
-            "output_events": manifest["counts"]["events"],
-            "meds_counts": manifest["meds"]["counts"],
-            "summary": stdout.splitlines()[0],
-        }
+        # A 12 h window keeps a quarter of the events of the same input: if memory followed the
+        # input it would not change; it falls with the output.
+        for key, window in (("prepare_window_12h", 12.0), ("prepare", 48.0)):
+            wall, rss, stdout, manifest = _prepare(work, window)
+            result[key] = {
+                "window_h": window,
+                "wall_s": round(wall, 2),
+                "events_per_s": round(events / wall),
+                "peak_rss_mib": round(rss, 1),
+                "peak_rss_above_import_mib": round(rss - floor, 1),
+                "stays": manifest["counts"]["stays"],
+                "output_events": manifest["counts"]["events"],
+                "meds_counts": manifest["meds"]["counts"],
+                "summary": stdout.splitlines()[0],
+            }
+            write_json_atomic(out, result)
+        short = result["prepare_window_12h"]
         result["reading"] = (
             f"prepare of {events:,} MEDS events: {wall:.1f} s ({events / wall:,.0f} events/s), "
             f"peak RSS {rss:.0f} MiB ({rss - floor:.0f} MiB above the {floor:.0f} MiB of the "
             f"imports) vs {nbytes / 2**20:.0f} MiB for the events table in Arrow and "
-            f"{read_rss:.0f} MiB peak RSS to read it whole"
+            f"{read_rss:.0f} MiB peak RSS to read it whole; with a 12 h window "
+            f"({short['output_events']:,} output events) {short['peak_rss_above_import_mib']:.0f} "
+            "MiB above the imports"
         )
         write_json_atomic(out, result)
         print(result["reading"])

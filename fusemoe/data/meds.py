@@ -58,7 +58,7 @@ LABEL_VALUE = {
     "multilabel": "boolean_value",
 }
 STATIC_MODALITY = "static"
-BATCH_ROWS = 1 << 18
+BATCH_ROWS = 1 << 16  # rows per record batch: bounds the per-batch working memory
 _US_PER_H = 3.6e9
 _NO_TIME = np.iinfo(np.int64).min  # sorts first: a timestamped static value wins over a null one
 
@@ -412,8 +412,8 @@ def read_meds(
                     column="numeric_value",
                 )
             sel = use & series
-            ev["stay"].append(stay[sel])
-            ev["var"].append(svar[src[sel]])
+            ev["stay"].append(stay[sel].astype(np.int32))
+            ev["var"].append(svar[src[sel]].astype(np.int32))
             ev["t"].append(((t_s[sel] - (pt_s[sel] - window_us)) / _US_PER_H).astype(np.float32))
             ev["value"].append(value[src[sel]])
             sel = use & ~series
@@ -437,26 +437,13 @@ def read_meds(
         data_subjects,
         root,
     )
-    cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in ev.items()}
-    events = (
-        pd.DataFrame(
-            {
-                "stay": cat["stay"].astype(np.int64),
-                "var": cat["var"].astype(np.int64),
-                "time_h": cat["t"].astype(np.float32),
-                "value": cat["value"],
-            }
-        )
-        .groupby(["stay", "var", "time_h"], sort=True)["value"]
-        .mean()
-        .reset_index()
-    )
+    events = _mean_of_repeats({k: np.concatenate(v) if v else np.zeros(0) for k, v in ev.items()})
     counts["events_kept"] = len(events)
     statics, static_names = _static_values(st, codes, n_stays)
 
     has_any = np.bincount(events["stay"], minlength=n_stays) > 0
-    if statics is not None:
-        has_any |= statics.notna().any(axis=1).to_numpy()
+    if st["stay"]:  # an observed static value (not an indicator's filled-in 0)
+        has_any |= np.bincount(np.concatenate(st["stay"]), minlength=n_stays) > 0
     counts["stays_dropped_empty"] = int((~has_any).sum())
     counts["unmatched_code_events"] = int(sum(unmatched.values()))
     counts["unmatched_codes"] = dict(sorted(unmatched.items(), key=lambda kv: -kv[1])[:20])
@@ -546,6 +533,25 @@ def read_meds(
         "source_hashes": {str(f): sha256_file(f) for f in [*shards, *label_files]},
     }
     return stays, table, manifest
+
+
+def _mean_of_repeats(ev: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Events sorted by (stay, variable, time), values of one (stay, variable, time) averaged."""
+    stay, var = ev["stay"].astype(np.int32), ev["var"].astype(np.int32)
+    time, value = ev["t"].astype(np.float32), ev["value"]
+    order = np.lexsort((time, var, stay))
+    stay, var, time, value = stay[order], var[order], time[order], value[order]
+    new = np.ones(len(stay), dtype=bool)
+    new[1:] = (stay[1:] != stay[:-1]) | (var[1:] != var[:-1]) | (time[1:] != time[:-1])
+    starts = np.flatnonzero(new)
+    mean = (
+        np.add.reduceat(value, starts) / np.diff(np.r_[starts, len(value)])
+        if len(starts)
+        else value
+    )
+    return pd.DataFrame(
+        {"stay": stay[starts], "var": var[starts], "time_h": time[starts], "value": mean}
+    )
 
 
 def _dataset_metadata(path: Path) -> dict:
@@ -702,7 +708,8 @@ def write_synthetic_meds(
     96 h after a random start. Every subject is labelled at start + 48 h, every fourth also at
     start + 72 h (two stays of one subject). Label k = (w_k z + noise > 0); num_labels 1 writes a
     binary boolean_value file, more a multilabel file (categorical_value "PHENO//k"). Also:
-    GENDER//F with a null time (a static indicator), MEDS_BIRTH (a code of no modality), and one
+    GENDER//F with a null time (a static indicator), MEDS_BIRTH and HOSPITAL_DISCHARGE (codes of
+    no modality), and one
     LAB//B in 50 without a numeric_value. Returns counts."""
     rng = np.random.default_rng(seed)
     root, labels_file = Path(root), Path(labels_file)
@@ -726,9 +733,19 @@ def write_synthetic_meds(
     codes = np.asarray(SYNTHETIC_CODES, dtype=object)[code_idx]
     valid = ~((code_idx == 1) & (np.arange(n * e) % 50 == 0))
     # Per subject: MEDS_BIRTH and (half of them) GENDER//F with a null time, first in the subject.
-    extra_subj = np.r_[np.arange(n), np.flatnonzero(np.arange(n) % 2 == 0)]
-    extra_time = np.r_[start - np.timedelta64(40 * 365, "D"), np.full(n - n // 2, "NaT", "M8[us]")]
-    extra_code = np.r_[np.full(n, "MEDS_BIRTH", object), np.full(n - n // 2, "GENDER//F", object)]
+    # and HOSPITAL_DISCHARGE (no modality either) at start + 96 h, after every prediction time.
+    half = np.flatnonzero(np.arange(n) % 2 == 0)
+    extra_subj = np.r_[np.arange(n), np.arange(n), half]
+    extra_time = np.r_[
+        start - np.timedelta64(40 * 365, "D"),
+        start + np.timedelta64(96, "h"),
+        np.full(len(half), "NaT", "M8[us]"),
+    ]
+    extra_code = np.r_[
+        np.full(n, "MEDS_BIRTH", object),
+        np.full(n, "HOSPITAL_DISCHARGE", object),
+        np.full(len(half), "GENDER//F", object),
+    ]
     all_subj = np.r_[subj, extra_subj]
     table = pd.DataFrame(
         {
@@ -768,8 +785,8 @@ def write_synthetic_meds(
     pq.write_table(
         pa.table(
             {
-                "code": SYNTHETIC_CODES + ["GENDER//F", "MEDS_BIRTH"],
-                "description": ["synthetic"] * (len(SYNTHETIC_CODES) + 2),
+                "code": SYNTHETIC_CODES + ["GENDER//F", "MEDS_BIRTH", "HOSPITAL_DISCHARGE"],
+                "description": ["synthetic"] * (len(SYNTHETIC_CODES) + 3),
             }
         ),
         root / "metadata" / "codes.parquet",
