@@ -17,13 +17,16 @@ import yaml
 from training_runs import TINY_MODEL
 
 from fusemoe.data.meds import PREDICTION_SCHEMA, write_synthetic_meds
+from pipelines.packaging import example_records
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 
 TRAIN_AND_PREDICT = """
-import json, sys
+import json, shutil, sys
 from pathlib import Path
+import mlflow
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
@@ -32,6 +35,7 @@ from fusemoe.data.meds import meds_predictions
 from fusemoe.inference import predict, predictions_table
 from fusemoe.loop import train
 from fusemoe.model_io import load_model
+from pipelines.packaging import FuseMoEPyfunc
 
 out, model = Path(sys.argv[1]), json.loads(sys.argv[2])
 results = {}
@@ -41,8 +45,10 @@ for task in ("outcome", "pheno"):
                      "weight_decay": 0.0, "seed": 0},
            "deepspeed": {"zero_stage": 0, "precision": "fp32", "grad_clip": 1.0}}
     saved = {}
-    def keep(metrics, ckpt, saved=saved):
+    def keep(metrics, ckpt, saved=saved, task=task):
         saved.update(metrics=metrics, model=load_model(ckpt / "model"))
+        shutil.rmtree(out / f"model_{task}", ignore_errors=True)
+        shutil.copytree(ckpt / "model", out / f"model_{task}")
     train(cfg, keep, log=lambda *a: None)
     results[task] = {k: v for k, v in saved["metrics"].items() if k.startswith("val_")}
     if task == "outcome":
@@ -53,6 +59,8 @@ for task in ("outcome", "pheno"):
         pq.write_table(meds_predictions(table["stay_id"], table["prob_outcome"],
                                         pred["labels"]["outcome"]), out / "predictions.parquet")
 (out / "metrics.json").write_text(json.dumps(results))
+artifacts = {"model_dir": str(out / "model_outcome"), "manifest": str(out / "outcome/manifest.json")}
+mlflow.pyfunc.save_model(str(out / "pyfunc"), python_model=FuseMoEPyfunc(), artifacts=artifacts)
 """
 
 
@@ -110,3 +118,33 @@ def test_held_out_predictions_are_written_in_the_meds_prediction_schema(trained)
     assert table.num_rows == int((held_out["split"] == "test").sum())
     assert table.column("boolean_value").null_count == 0
     assert table.column("predicted_boolean_probability").null_count == 0
+
+
+def test_predict_cli_writes_meds_predictions_of_a_binary_task(trained):
+    work, _ = trained
+    records = example_records(work / "outcome", n_stays=4)
+    records.to_parquet(work / "records.parquet")
+    params = work / "cli.yaml"
+    params.write_text(yaml.safe_dump({"data": {}, "registry": {},
+                                      "mlflow": {"tracking_uri": f"sqlite:///{work}/m.db"}}))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def predict(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "fusemoe"), "--params", str(params), "predict", str(work / "records.parquet"),
+             str(work / "meds_out.parquet"), "--model", str(work / "pyfunc"), *extra],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    bad = predict("--meds", "mortality")
+    assert bad.returncode != 0 and not (work / "meds_out.parquet").exists()
+    assert bad.stderr.strip().endswith("--meds mortality: the model gives no binary probability "
+                                       "prob_mortality (its outputs: prob_outcome)")  # fmt: skip
+    proc = predict("--meds", "outcome")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = pq.read_table(work / "meds_out.parquet")
+    assert table.schema == PREDICTION_SCHEMA and table.num_rows == 4
+    assert table.column("boolean_value").null_count == 4  # records carry no labels
+    ids = sorted(records["stay_id"].unique())
+    got = sorted(f"{r['subject_id']}@{r['prediction_time'].isoformat()}" for r in table.to_pylist())
+    assert got == ids
