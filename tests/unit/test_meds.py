@@ -381,3 +381,9 @@ def test_synthetic_meds_data_follow_the_meds_data_schema(tmp_path):
     df = t.to_pandas()
     assert (df.groupby("subject_id").size() > 0).all()
     assert pd.Series(df["subject_id"]).is_monotonic_increasing  # subjects contiguous
+
+
+def test_subject_with_events_but_no_split_is_rejected(meds):
+    rows = [r for s in (4, 5, 6, 8) for r in subject_events(s)]
+    write_events(meds / "data" / "1.parquet", rows)
+    assert "column 'subject_id': subject 8 has events in" in rejected(meds)
