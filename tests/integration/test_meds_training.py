@@ -148,3 +148,24 @@ def test_predict_cli_writes_meds_predictions_of_a_binary_task(trained):
     ids = sorted(records["stay_id"].unique())
     got = sorted(f"{r['subject_id']}@{r['prediction_time'].isoformat()}" for r in table.to_pylist())
     assert got == ids
+
+
+def test_meds_source_by_params_only_and_its_files_are_dvc_inputs(tmp_path):
+    from test_data_stages import NO_MIRROR, UP_TO_DATE, closed_port_url, dvc, make_project
+
+    meds, labels = tmp_path / "meds", tmp_path / "labels.parquet"
+    write_synthetic_meds(meds, labels, num_subjects=60, events_per_subject=20)
+    work, env = make_project(
+        tmp_path / "p",
+        source="meds",
+        meds={"dataset_dir": str(meds), "labels": str(labels)},
+        **NO_MIRROR,
+        physionet_url=closed_port_url(),
+    )
+    dvc(work, env, "repro", "prepare")
+    manifest = json.loads((work / "data/processed/manifest.json").read_text())
+    assert manifest["source"] == f"meds:{meds}" and manifest["counts"]["stays"] == 75
+    assert UP_TO_DATE in dvc(work, env, "status", "prepare").stdout
+    write_synthetic_meds(meds, labels, num_subjects=60, events_per_subject=20, seed=1)
+    status = dvc(work, env, "status", "prepare").stdout
+    assert f"modified:           {meds}" in status and f"modified:           {labels}" in status
