@@ -9,8 +9,10 @@ a fresh process and records its wall time, events/s and peak RSS (getrusage of t
 show whether prepare holds the whole dataset in memory, the same run also measures, each in a
 fresh process: the RSS of a process that only imports prepare (the floor), and the peak RSS of
 one that reads every shard into one Arrow table (the events table's size in memory, also given
-as Arrow nbytes); and prepare again with a 12 h window (same input, a quarter of the output): a
-reader that held the input would need the same memory for both. Results are written after each step, so a partial run still leaves JSON.
+as Arrow nbytes); prepare again with a 12 h window (same input, a quarter of the output), and
+with 4x the events per subject and the 12 h window (4x the input, about the 48 h output): a
+reader that held the input would need more memory for the larger input. Results are written
+after each step, so a partial run still leaves JSON.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from fusemoe.data.meds import write_synthetic_meds
 from pipelines.common import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,21 @@ def _child(setup: list[str], code: list[str]) -> tuple[float, float, str]:
     return float(lines["WALL"]), int(lines["RSS"]) / 1024, out.stdout
 
 
-def _prepare(work: Path, window_h: float) -> tuple[float, float, str, dict]:
+def _generate(work: Path, name: str, subjects: int, events_per_subject: int, shards: int) -> dict:
+    """write_synthetic_meds in a child process. Linux keeps a process's peak RSS across exec, so a
+    parent that had generated millions of events itself would lend every later child its peak."""
+    call = (
+        f"made = write_synthetic_meds({str(work / name)!r}, {str(work / f'{name}_labels.parquet')!r}, "
+        f"num_subjects={subjects}, events_per_subject={events_per_subject}, num_shards={shards})"
+    )
+    _, _, stdout = _child(
+        ["import json", "from fusemoe.data.meds import write_synthetic_meds"],
+        [call, "print('MADE', json.dumps(made))"],
+    )
+    return json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("MADE"))[5:])
+
+
+def _prepare(work: Path, window_h: float, name: str = "meds") -> tuple[float, float, str, dict]:
     """`python -m pipelines.prepare` (source meds) in a fresh process: wall, peak RSS, output,
     the written manifest."""
     params = work / "params.yaml"
@@ -65,8 +80,8 @@ def _prepare(work: Path, window_h: float) -> tuple[float, float, str, dict]:
         "source": "meds",
         "out_dir": str(work / "processed"),
         "meds": {
-            "dataset_dir": str(work / "meds"),
-            "labels": str(work / "labels.parquet"),
+            "dataset_dir": str(work / name),
+            "labels": str(work / f"{name}_labels.parquet"),
             "window_h": window_h,
         },
     }
@@ -103,13 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="fusemoe-meds-bench-"))
     try:
         t = time.perf_counter()
-        made = write_synthetic_meds(
-            work / "meds",
-            work / "labels.parquet",
-            num_subjects=args.subjects,
-            events_per_subject=args.events_per_subject,
-            num_shards=args.shards,
-        )
+        made = _generate(work, "meds", args.subjects, args.events_per_subject, args.shards)
         shards = sorted((work / "meds" / "data").glob("*.parquet"))
         result["dataset"] = made | {
             "shards": len(shards),
@@ -152,13 +161,29 @@ def main(argv: list[str] | None = None) -> int:
             }
             write_json_atomic(out, result)
         short = result["prepare_window_12h"]
+        # 4x the events per subject with the 12 h window: 4x the input, about the output of the
+        # 48 h run. Streaming needs about the 48 h run's memory; holding the input would need 4x.
+        big = _generate(work, "meds4", args.subjects, 4 * args.events_per_subject, args.shards)
+        shutil.rmtree(work / "meds", ignore_errors=True)
+        wall4, rss4, _, manifest4 = _prepare(work, 12.0, "meds4")
+        result["prepare_4x_events_window_12h"] = {
+            "events": big["events"],
+            "wall_s": round(wall4, 2),
+            "events_per_s": round(big["events"] / wall4),
+            "peak_rss_mib": round(rss4, 1),
+            "peak_rss_above_import_mib": round(rss4 - floor, 1),
+            "output_events": manifest4["counts"]["events"],
+        }
+        write_json_atomic(out, result)
         result["reading"] = (
             f"prepare of {events:,} MEDS events: {wall:.1f} s ({events / wall:,.0f} events/s), "
             f"peak RSS {rss:.0f} MiB ({rss - floor:.0f} MiB above the {floor:.0f} MiB of the "
             f"imports) vs {nbytes / 2**20:.0f} MiB for the events table in Arrow and "
             f"{read_rss:.0f} MiB peak RSS to read it whole; with a 12 h window "
             f"({short['output_events']:,} output events) {short['peak_rss_above_import_mib']:.0f} "
-            "MiB above the imports"
+            f"MiB above the imports; 4x the input ({big['events']:,} events, 12 h window, "
+            f"{manifest4['counts']['events']:,} output events): {wall4:.1f} s, "
+            f"{rss4 - floor:.0f} MiB above the imports"
         )
         write_json_atomic(out, result)
         print(result["reading"])

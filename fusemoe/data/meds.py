@@ -319,7 +319,7 @@ def read_meds(
     n_stays = len(labels)
     stay_subject_pos = np.searchsorted(subjects, labels["subject_id"].to_numpy())
     pt = labels["prediction_time"].to_numpy()
-    # Stays of each labelled subject: stays are sorted by subject, so a subject's stays are one run.
+    # `order` lists the stays grouped by subject: subject k's stays are order[run_start[k]:][:run_len[k]].
     order = np.argsort(stay_subject_pos, kind="stable")
     run_start = np.searchsorted(stay_subject_pos[order], np.arange(len(subjects)))
     run_len = np.bincount(stay_subject_pos, minlength=len(subjects))
