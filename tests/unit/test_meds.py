@@ -387,3 +387,26 @@ def test_subject_with_events_but_no_split_is_rejected(meds):
     rows = [r for s in (4, 5, 6, 8) for r in subject_events(s)]
     write_events(meds / "data" / "1.parquet", rows)
     assert "column 'subject_id': subject 8 has events in" in rejected(meds)
+
+
+def test_integer_and_float_labels_give_multiclass_and_regression_tasks(meds):
+    rows = [{"subject_id": s, "prediction_time": h(48), "integer_value": s % 3,
+             "float_value": s / 2} for s in SPLITS]  # fmt: skip
+    write_labels(meds.parent / "labels.parquet", rows)
+    stays, _, manifest = read_meds(
+        cfg_of(meds, task="acuity", task_kind="multiclass", num_classes=3)
+    )
+    assert (
+        stays["acuity"].tolist() == [1, 2, 0, 1, 2, 0] and manifest["tasks"][0]["num_outputs"] == 3
+    )
+    stays, _, _ = read_meds(cfg_of(meds, task="los", task_kind="regression"))
+    assert stays["los"].tolist() == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    msg = rejected(meds, task_kind="multiclass", num_classes=2)
+    assert "row 1, column 'integer_value': integer_value 2 is outside 0..1" in msg
+
+
+def test_multilabel_name_outside_the_declared_classes_is_rejected(tmp_path):
+    root = tmp_path / "meds"
+    write_synthetic_meds(root, tmp_path / "labels.parquet", num_subjects=30, num_labels=3)
+    msg = rejected(root, task_kind="multilabel", classes=["PHENO//00", "PHENO//01"])
+    assert "column 'categorical_value': label 'PHENO//02' is not in data.meds.classes" in msg
