@@ -1,6 +1,7 @@
 """`fusemoe` console script: predict, promote or roll back the champion, embed raw items.
 
 fusemoe predict records.parquet predictions.parquet [--model models:/fusemoe-ihm@champion]
+    [--meds TASK]  (TASK's predictions in the MEDS prediction schema; stays from a MEDS prepare)
 fusemoe promote 3 [--force]
 fusemoe rollback
 fusemoe embed notes.parquet --item-column text --encoder my_encoders:encode --modality note \
@@ -46,13 +47,37 @@ def cmd_predict(args, params: dict) -> None:
         out = model.unwrap_python_model().predict(None, records)
     except RecordsError as e:
         sys.exit(f"error: {src}: {e}")
+    if args.meds:
+        out = meds_output(out, args.meds, src)
     dst = Path(args.output)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, suffix=".parquet.tmp")
     os.close(fd)
-    out.to_parquet(tmp, index=False)
+    if args.meds:
+        import pyarrow.parquet as pq
+
+        pq.write_table(out, tmp)
+    else:
+        out.to_parquet(tmp, index=False)
     os.replace(tmp, dst)
     print(f"predict: {len(out)} stays scored with {uri} -> {dst}")
+
+
+def meds_output(out, task: str, src: Path):
+    """The binary `task`'s column of predict's output as a MEDS prediction table (exits with a
+    one-line error for a task that is not binary or stay ids not made by the MEDS reader)."""
+    from fusemoe.data.meds import meds_predictions
+
+    column = f"prob_{task}"
+    if column not in out.columns:
+        sys.exit(
+            f"error: --meds {task}: the model gives no binary probability {column} "
+            f"(its outputs: {', '.join(c for c in out.columns if c != 'stay_id')})"
+        )
+    try:
+        return meds_predictions(out["stay_id"], out[column].to_numpy())
+    except ValueError as e:
+        sys.exit(f"error: {src}: {e}")
 
 
 def _version(client, name: str, version: str):
@@ -150,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("records")
     p.add_argument("output")
     p.add_argument("--model", help="model URI (default models:/<registry.model_name>@champion)")
+    p.add_argument("--meds", metavar="TASK", help="write binary TASK in the MEDS prediction schema")
     p.set_defaults(fn=cmd_predict)
     p = sub.add_parser("promote", help="apply the promotion rule to a version")
     p.add_argument("version")

@@ -39,6 +39,7 @@ from pydantic import (
     model_validator,
 )
 
+from fusemoe.data.schema import TASK_KINDS
 from fusemoe.loop import LR_SCHEDULES
 from fusemoe.metrics import higher_is_better
 from fusemoe.nn.experts import Backend
@@ -47,7 +48,7 @@ from fusemoe.nn.model import FuseMoEConfig
 from fusemoe.nn.moe import BALANCE_SCOPES, ROUTER_TYPES
 from fusemoe.parallel.engine import PRECISIONS, deepspeed_config
 
-DATA_SOURCES = ("physionet2012", "synthetic", "flexi")
+DATA_SOURCES = ("physionet2012", "synthetic", "flexi", "meds")
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,33 @@ class SyntheticConfig(Section):
     missingness: dict[str, Fraction] | None = None  # modality -> probability a stay lacks it
 
 
+class MedsConfig(Section):
+    """source=meds: a MEDS dataset + label file -> FlexiModal (fusemoe/data/meds.py's rules)."""
+
+    dataset_dir: str = "data/meds"  # data/*.parquet shards + metadata/ (must exist for DVC)
+    labels: str = "data/meds_labels"  # a MEDS label Parquet file or a directory of them
+    task: str = "outcome"  # the task's name in the manifest (train.tasks names it)
+    task_kind: Literal[TASK_KINDS] = "binary"  # label column: boolean/float/integer_value;
+    # multilabel: categorical_value (label name) + boolean_value, one row per label
+    num_classes: Annotated[int, Field(ge=2)] | None = None  # multiclass: integer_value 0..n-1
+    classes: list[str] = []  # multilabel label names in output order ([] = sorted names seen)
+    modalities: Annotated[dict[str, str], Field(min_length=1)] = {
+        "LAB//": "labs",
+        "VITAL//": "vitals",
+    }  # code prefix -> series modality; the longest matching prefix wins
+    static_prefixes: list[str] = ["STATIC//"]  # static codes (plus every event with a null time)
+    window_h: PositiveFloat = 48.0  # observation window: the window_h hours up to prediction_time
+    unmatched_codes: Literal["count", "error"] = "count"  # codes matching no prefix
+
+    @model_validator(mode="after")
+    def _task_rules(self) -> MedsConfig:
+        if self.task_kind == "multiclass" and self.num_classes is None:
+            raise ValueError("data.meds.num_classes must be set when task_kind is multiclass")
+        if "static" in self.modalities.values():
+            raise ValueError("data.meds.modalities: 'static' is the static modality's name")
+        return self
+
+
 class DataConfig(Section):
     source: Literal[DATA_SOURCES] = "physionet2012"
     raw_dir: str = ""  # a local P12 mirror, copied when it exists; env FUSEMOE_DATA_DIR overrides
@@ -108,6 +136,7 @@ class DataConfig(Section):
     seed: int = 0
     los_threshold_days: PositiveFloat = 7.0
     synthetic: SyntheticConfig = SyntheticConfig()
+    meds: MedsConfig = MedsConfig()
 
     @field_validator("split")
     @classmethod

@@ -5,7 +5,8 @@
   from a local mirror or PhysioNet),
   synthetic (synthetic.num_stays / synthetic.seed), or flexi (a user's FlexiModal directory in
   flexi_dir, validated and re-written with fresh train-only statistics; a missing `split`
-  column is filled by the seeded stratified split).
+  column is filled by the seeded stratified split, grouped by `subject_id` when present),
+  or meds (a MEDS dataset + label file, `data.meds`; see fusemoe/data/meds.py).
 - split, seed, los_threshold_days; verify_digests (default true) for modified P12 copies.
 Bad input prints one line `error: <file, record/row, column: problem>` and exits 1.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from fusemoe.data.flexi import (
     EVENTS_FILE,
     STAYS_FILE,
+    SUBJECT_COLUMN,
     FlexiModalError,
     assign_splits,
     load_manifest,
@@ -75,7 +77,10 @@ def prepare(data: dict, params_file: str = "params.yaml") -> dict:
         stays, events = read_tables(flexi_dir)
         if "split" not in stays.column_names:
             binary = [t["column"] for t in manifest["tasks"] if t["kind"] == "binary"]
-            names = assign_splits(stays.to_pandas(), split, seed, binary[0] if binary else None)
+            group = SUBJECT_COLUMN if SUBJECT_COLUMN in stays.column_names else None
+            names = assign_splits(
+                stays.to_pandas(), split, seed, binary[0] if binary else None, group_col=group
+            )
             stays = stays.add_column(1, "split", [names.tolist()])
             manifest["split"] = {"fractions": split, "seed": seed, "stratify": binary[:1]}
         manifest.setdefault("source", f"flexi:{flexi_dir}")
@@ -83,6 +88,12 @@ def prepare(data: dict, params_file: str = "params.yaml") -> dict:
             name: sha256_file(flexi_dir / name) for name in (STAYS_FILE, EVENTS_FILE)
         }
         names = (str(flexi_dir / STAYS_FILE), str(flexi_dir / EVENTS_FILE))
+        return write_flexi(out_dir, stays, events, manifest, names=names)
+    if source == "meds":
+        from fusemoe.data.meds import read_meds
+
+        stays, events, manifest = read_meds(data["meds"], split=split, seed=seed)
+        names = ("stays (from MEDS labels)", "events (from MEDS data)")
         return write_flexi(out_dir, stays, events, manifest, names=names)
     raise FlexiModalError(params_file, f"data.source '{source}' is not one of {SOURCES}")
 

@@ -36,6 +36,9 @@ from fusemoe.data.schema import (
 )
 
 STAYS_FILE = "stays.parquet"
+# Optional stays column: the person a stay belongs to. When present, no subject may be in two
+# splits (checked), and `assign_splits` keeps each subject's stays together.
+SUBJECT_COLUMN = "subject_id"
 EVENTS_FILE = "events.parquet"
 MANIFEST_FILE = "manifest.json"
 
@@ -120,7 +123,7 @@ def check_manifest(manifest: dict, file: str | os.PathLike = MANIFEST_FILE) -> N
     tasks = manifest.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise bad("'tasks' must be a non-empty list")
-    columns = {"stay_id", "split", *static_variables(manifest)}
+    columns = {"stay_id", "split", SUBJECT_COLUMN, *static_variables(manifest)}
     task_names: set[str] = set()
     for t in tasks:
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
@@ -296,8 +299,35 @@ def validate(
     validate_events(events, stays, manifest, events_file, stays_file)
 
 
+def _stays_schema_of(stays: pa.Table, manifest: dict) -> pa.Schema:
+    """The manifest's stays schema, plus the optional subject_id column when `stays` has one."""
+    schema = stays_schema(manifest)
+    if SUBJECT_COLUMN in stays.column_names:
+        schema = schema.insert(1, pa.field(SUBJECT_COLUMN, pa.string(), nullable=False))
+    return schema
+
+
+def _check_subjects(stays: pa.Table, split: pd.Series, file: str) -> None:
+    """No subject in two splits: a model selected or tested on a person it was trained on
+    overstates its performance."""
+    _check_no_nulls(stays, file, [SUBJECT_COLUMN])
+    subject = stays.column(SUBJECT_COLUMN).to_pandas().astype(str)
+    first = split.groupby(subject.to_numpy(), sort=False).transform("first")
+    bad = (split != first).to_numpy()
+    if bad.any():
+        i = _first(bad)
+        j = _first((subject == subject.iloc[i]).to_numpy())
+        raise FlexiModalError(
+            file,
+            f"subject '{subject.iloc[i]}' is in split '{split.iloc[i]}' here and in "
+            f"'{split.iloc[j]}' at row {j} (all stays of a subject must share one split)",
+            row=i,
+            column="split",
+        )
+
+
 def _validate_stays(stays: pa.Table, manifest: dict, file: str) -> None:
-    _check_columns(stays, stays_schema(manifest), file)
+    _check_columns(stays, _stays_schema_of(stays, manifest), file)
     _check_no_nulls(stays, file, ["stay_id", "split"])
     ids = stays.column("stay_id").to_pandas()
     empty = (ids.str.len() == 0).to_numpy()
@@ -323,6 +353,8 @@ def _validate_stays(stays: pa.Table, manifest: dict, file: str) -> None:
     for s in SPLITS:
         if not (split == s).any():
             raise FlexiModalError(file, f"split '{s}' is empty (no stays)", column="split")
+    if SUBJECT_COLUMN in stays.column_names:
+        _check_subjects(stays, split, file)
     for t in manifest["tasks"]:
         _validate_label(stays.column(t["column"]), t, file)
     for v in static_variables(manifest):
@@ -610,11 +642,11 @@ def _normalise_events(events: pa.Table) -> pa.Table:
 
 
 def _normalise_stays(stays: pa.Table, manifest: dict) -> pa.Table:
-    schema = stays_schema(manifest)
+    schema = _stays_schema_of(stays, manifest)
     cols = {}
     for field in schema:
         col = stays.column(field.name)
-        if field.name in ("stay_id", "split"):
+        if field.name in ("stay_id", "split", SUBJECT_COLUMN):
             col = col.cast(pa.string())
         elif pa.types.is_list(field.type) and not pa.types.is_list(col.type):
             col = col.cast(field.type)
@@ -651,7 +683,7 @@ def write_flexi(
     manifest.setdefault("source", "unknown")
     manifest.setdefault("source_hashes", {})
     check_manifest(manifest)
-    stays, stays_casts = conform_types(stays, stays_schema(manifest), names[0])
+    stays, stays_casts = conform_types(stays, _stays_schema_of(stays, manifest), names[0])
     events, events_casts = conform_types(events, EVENTS_SCHEMA, names[1])
     casts = {STAYS_FILE: stays_casts, EVENTS_FILE: events_casts}
     if any(casts.values()):  # recorded only when made, so exact-typed sources are unchanged
@@ -714,11 +746,15 @@ def assign_splits(
     fractions: tuple[float, float, float] | list[float] = (0.7, 0.15, 0.15),
     seed: int = 0,
     stratify_col: str | None = None,
+    group_col: str | None = None,
 ) -> np.ndarray:
     """Seeded train/val/test assignment, stratified on `stratify_col` (null is its own stratum).
 
     Returns an array of split names aligned with `df`'s rows. Reusable so a benchmark can re-split
     the same stays (e.g. 80/10/10 over 5 seeds) without re-reading the raw data.
+    With `group_col` (e.g. subject_id) whole groups are assigned, so no group is in two splits:
+    each group is stratified on its first row's stratum and the fractions count groups. With one
+    row per group this is exactly the row-level assignment.
     """
     fr = np.asarray(fractions, dtype=np.float64)
     if fr.shape != (3,) or (fr < 0).any() or not np.isclose(fr.sum(), 1.0):
@@ -731,11 +767,17 @@ def assign_splits(
     else:
         key = pd.Series(df[stratify_col]).reset_index(drop=True)
         strata = pd.factorize(key.astype("string").fillna("<null>"), sort=True)[0]
+    group = np.arange(n)
+    if group_col is not None:  # groups in order of first appearance, each with its first stratum
+        key = pd.Series(df[group_col]).reset_index(drop=True).astype("string").fillna("<null>")
+        group = pd.factorize(key, sort=False)[0]
+        _, first_row = np.unique(group, return_index=True)
+        strata = strata[first_row]
     rng = np.random.default_rng(seed)
-    out = np.empty(n, dtype=object)
+    out = np.empty(len(strata), dtype=object)
     for s in np.unique(strata):
         idx = rng.permutation(np.flatnonzero(strata == s))
         bounds = np.round(np.cumsum(fr) * len(idx)).astype(int)
         for name, lo, hi in zip(SPLITS, np.r_[0, bounds[:-1]], bounds, strict=True):
             out[idx[lo:hi]] = name
-    return out
+    return out[group]

@@ -555,7 +555,8 @@ def read_physionet2012(
     stays = _static_columns(stays, desc, cleaning)
     task = los_task_name(los_threshold_days)
     stays = stays.rename(columns={"los_gt": task})
-    stays.insert(1, "split", assign_splits(stays, split, seed, "ihm"))
+    stays.insert(1, "subject_id", stays["stay_id"])  # P12 holds one ICU stay per patient
+    stays.insert(1, "split", assign_splits(stays, split, seed, "ihm", group_col="subject_id"))
 
     ev = {
         k: np.concatenate([p[k] for p in event_parts]) for k in ("file", "var", "minute", "value")

@@ -71,7 +71,7 @@ def test_absent_keys_get_the_schema_defaults():
         ("model", "router", "shared", "model.router = \"shared\": expected one of 'joint', 'per_modality' or 'disjoint'"),
         ("train", "lr_schedule", "linear", "train.lr_schedule = \"linear\": expected one of 'constant' or 'cosine'"),
         ("deepspeed", "precision", "fp16", "deepspeed.precision = \"fp16\": expected one of 'fp32' or 'bf16'"),
-        ("data", "source", "mimic", "data.source = \"mimic\": expected one of 'physionet2012', 'synthetic' or 'flexi'"),
+        ("data", "source", "mimic", "data.source = \"mimic\": expected one of 'physionet2012', 'synthetic', 'flexi' or 'meds'"),
         ("data", "seed", "0", 'data.seed = "0": expected an integer'),
         ("ray", "num_workers", 0, "ray.num_workers = 0: expected >= 1"),
         ("ray", "use_gpu", 1, "ray.use_gpu = 1: expected true or false"),

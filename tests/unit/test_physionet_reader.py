@@ -406,3 +406,8 @@ def test_download_copies_a_mirror_only_when_its_digests_match(tmp_path, monkeypa
         [f"set-{s}" for s in "abc"] + [f"Outcomes-{s}.txt" for s in "abc"]
     )
     assert (dest / "set-b" / "301.txt").read_text() == (mirror / "set-b" / "301.txt").read_text()
+
+
+def test_each_p12_stay_is_its_own_subject(parsed):
+    stays, _, _ = parsed
+    assert stays["subject_id"].tolist() == stays["stay_id"].tolist()
