@@ -1,0 +1,267 @@
+"""Embedding modalities (FlexiModal 1.1): one fixed-width vector per (stay, time) in
+embeddings/<modality>.parquet, validated as strictly as scalar events."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fusemoe.data.flexi import (
+    FlexiModalError,
+    load_manifest,
+    validate_dir,
+    write_flexi,
+)
+
+WIDTH = 3
+MANIFEST = {
+    "source": "test",
+    "modalities": [
+        {"name": "vitals", "kind": "series", "variables": ["HR"]},
+        {"name": "note", "kind": "embedding", "width": WIDTH},
+    ],
+    "tasks": [{"name": "ihm", "kind": "binary"}],
+}
+NOTE = "embeddings/note.parquet (to write)"
+
+
+def _stays() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "stay_id": ["a", "b", "c", "d", "e"],
+            "split": ["train", "train", "val", "test", "train"],
+            "ihm": np.array([0, 1, 0, 1, 1], np.int8),
+        }
+    )
+
+
+def _events() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "stay_id": ["a", "b", "c", "d"],
+            "modality": pd.Categorical(["vitals"] * 4),
+            "variable": pd.Categorical(["HR"] * 4),
+            "time_h": np.array([0.0, 1.0, 2.0, 3.0], np.float32),
+            "value": np.array([80, 90, 70, 60], np.float32),
+        }
+    )
+
+
+def _notes(**override) -> dict:
+    """Columns of a valid note table: stay e has only notes, stay d has none."""
+    cols = {
+        "stay_id": pa.array(["a", "a", "b", "c", "e"]),
+        "time_h": pa.array([1.0, 5.0, 2.0, 0.0, 3.0], pa.float32()),
+        "vector": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.arange(15, dtype=np.float32)), WIDTH
+        ),
+    }
+    return cols | override
+
+
+def _write(tmp_path, notes: dict | None = None, manifest: dict = MANIFEST, **embeddings) -> dict:
+    tables = embeddings or {"note": pa.table(notes if notes is not None else _notes())}
+    return write_flexi(tmp_path / "ds", _stays(), _events(), manifest, embeddings=tables)
+
+
+def _error(tmp_path, notes: dict | None = None, manifest: dict = MANIFEST, **embeddings) -> str:
+    with pytest.raises(FlexiModalError) as info:
+        _write(tmp_path, notes, manifest, **embeddings)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert not (tmp_path / "ds").exists()  # nothing written
+    return msg
+
+
+def test_written_embedding_modality_round_trips_with_counts_per_split(tmp_path):
+    manifest = _write(tmp_path)
+    assert manifest["schema_version"] == "1.1"
+    assert load_manifest(tmp_path / "ds") == validate_dir(tmp_path / "ds") == manifest
+    table = pq.read_table(tmp_path / "ds" / "embeddings" / "note.parquet")
+    assert table.schema.field("vector").type == pa.list_(pa.float32(), WIDTH)
+    assert manifest["counts"]["events_per_modality"]["note"] == 5
+    assert manifest["counts"]["stays_with_modality"]["note"] == 4
+    assert manifest["missingness"]["modality"]["note"] == {
+        "all": 0.2,
+        "train": 0.0,
+        "val": 0.0,
+        "test": 1.0,
+    }
+    assert "embeddings/note.parquet" in manifest["files"]
+    assert "note" not in manifest["norm"]
+
+
+def test_a_stay_with_only_vectors_counts_as_observed(tmp_path):
+    manifest = _write(tmp_path)  # stay e has no event and no static value, only a note
+    assert manifest["counts"]["stays"] == 5
+
+
+def test_wrong_width_is_rejected_naming_row_and_width(tmp_path):
+    vectors = pa.array([[1.0, 2.0, 3.0]] * 4 + [[1.0, 2.0]], pa.list_(pa.float32()))
+    msg = _error(tmp_path, _notes(vector=vectors))
+    assert msg == f"{NOTE}, row 4, column 'vector': vector has 2 values, expected width 3"
+
+
+def test_fixed_size_vectors_of_another_width_are_rejected(tmp_path):
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(10, np.float32)), 2)
+    msg = _error(tmp_path, _notes(vector=vectors))
+    assert msg == f"{NOTE}, row 0, column 'vector': vector has 2 values, expected width 3"
+
+
+def test_wrong_vector_type_is_rejected(tmp_path):
+    msg = _error(tmp_path, _notes(vector=pa.array(["x"] * 5)))
+    assert msg.startswith(f"{NOTE}, column 'vector': wrong type string, expected fixed_size_list")
+    strings = pa.array([["a", "b", "c"]] * 5)
+    msg = _error(tmp_path, _notes(vector=strings))
+    assert msg.startswith(f"{NOTE}, column 'vector': wrong type list<item: string>")
+
+
+def test_float64_lists_and_times_are_cast_losslessly_and_recorded(tmp_path):
+    vectors = [np.arange(3, dtype=np.float64) + i for i in range(5)]
+    notes = pd.DataFrame(
+        {"stay_id": ["a", "a", "b", "c", "e"], "time_h": [1.0, 5.0, 2.0, 0.0, 3.0]}
+    )
+    notes["vector"] = vectors  # pandas -> list<double>, the way users' frames arrive
+    manifest = _write(tmp_path, note=notes)
+    assert manifest["casts"]["embeddings/note.parquet"] == {
+        "time_h": "double -> float",
+        "vector": "list<item: double> -> fixed_size_list<item: float>[3]",
+    }
+    stored = pq.read_table(tmp_path / "ds" / "embeddings" / "note.parquet")
+    assert stored.column("vector")[4].as_py() == [4.0, 5.0, 6.0]
+
+
+def test_lossy_vector_value_is_rejected_naming_row_and_value(tmp_path):
+    vectors = pa.array([[0.5, 1e40, 0.3]] * 5, pa.list_(pa.float64()))
+    msg = _error(tmp_path, _notes(vector=vectors))
+    assert msg.startswith(
+        f"{NOTE}, row 0, column 'vector': value 1e+40 does not fit list<item: float> without loss"
+    )
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_vector_value_is_rejected_naming_row_and_dimension(tmp_path, bad):
+    flat = np.arange(15, dtype=np.float32)
+    flat[3 * 2 + 1] = bad
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat), WIDTH)
+    msg = _error(tmp_path, _notes(vector=vectors))
+    assert msg == f"{NOTE}, row 2, column 'vector': vector value 1 is not finite ({bad})"
+
+
+def test_null_vector_is_rejected(tmp_path):
+    vectors = pa.array([[1.0, 2.0, 3.0]] * 4 + [None], pa.list_(pa.float32()))
+    assert _error(tmp_path, _notes(vector=vectors)) == (
+        f"{NOTE}, row 4, column 'vector': missing (null) value"
+    )
+
+
+@pytest.mark.parametrize(
+    ("time", "problem"),
+    [
+        (-1.0, "negative time -1.0 h"),
+        (np.inf, "time is not finite (inf)"),
+        (np.nan, "time is not finite (nan)"),
+    ],
+)
+def test_bad_time_is_rejected_with_row_number(tmp_path, time, problem):
+    times = pa.array([1.0, 5.0, time, 0.0, 3.0], pa.float32(), from_pandas=False)
+    assert _error(tmp_path, _notes(time_h=times)) == f"{NOTE}, row 2, column 'time_h': {problem}"
+
+
+def test_vector_of_an_unknown_stay_is_rejected(tmp_path):
+    msg = _error(tmp_path, _notes(stay_id=pa.array(["a", "a", "b", "zz", "e"])))
+    assert msg == f"{NOTE}, row 3, column 'stay_id': stay_id 'zz' is not in stays (to write)"
+
+
+def test_two_vectors_of_a_stay_at_the_same_time_are_rejected(tmp_path):
+    times = pa.array([1.0, 1.0, 2.0, 0.0, 3.0], pa.float32())
+    assert _error(tmp_path, _notes(time_h=times)) == (
+        f"{NOTE}, row 1, column 'time_h': stay 'a' already has a note vector at 1.0 h "
+        "(one vector per time; average or drop repeats)"
+    )
+
+
+def test_declared_embedding_modality_without_its_table_is_rejected(tmp_path):
+    with pytest.raises(FlexiModalError) as info:
+        write_flexi(tmp_path / "ds", _stays(), _events(), MANIFEST)
+    assert str(info.value) == (
+        "embeddings/note.parquet: file not found (the manifest declares embedding modality 'note')"
+    )
+
+
+def test_table_of_an_undeclared_embedding_modality_is_rejected(tmp_path):
+    msg = _error(tmp_path, note=pa.table(_notes()), cxr=pa.table(_notes()))
+    assert msg == (
+        "embeddings/cxr.parquet (to write): modality 'cxr' is not an embedding modality of the "
+        "manifest"
+    )
+
+
+def test_directory_with_a_missing_or_an_extra_embedding_file_is_rejected(tmp_path):
+    _write(tmp_path)
+    note = tmp_path / "ds" / "embeddings" / "note.parquet"
+    extra = tmp_path / "ds" / "embeddings" / "cxr.parquet"
+    extra.write_bytes(note.read_bytes())
+    with pytest.raises(FlexiModalError, match="cxr.parquet: modality 'cxr' is not an embedding"):
+        validate_dir(tmp_path / "ds")
+    extra.unlink()
+    note.unlink()
+    with pytest.raises(FlexiModalError) as info:
+        validate_dir(tmp_path / "ds")
+    assert str(info.value) == (
+        f"{note}: file not found (the manifest declares embedding modality 'note')"
+    )
+
+
+def test_width_mismatch_in_a_stored_file_is_rejected(tmp_path):
+    _write(tmp_path)
+    path = tmp_path / "ds" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["modalities"][1]["width"] = 4
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(FlexiModalError, match="column 'vector': vectors have width 3, the "):
+        validate_dir(tmp_path / "ds")
+
+
+@pytest.mark.parametrize("width", [0, "32", None, 2.5])
+def test_embedding_modality_needs_a_positive_integer_width(tmp_path, width):
+    manifest = json.loads(json.dumps(MANIFEST))
+    manifest["modalities"][1]["width"] = width
+    msg = _error(tmp_path, manifest=manifest)
+    assert f"embedding modality 'note' needs an integer 'width' >= 1, got {width!r}" in msg
+
+
+def test_a_1_0_manifest_cannot_declare_an_embedding_modality(tmp_path):
+    _write(tmp_path)
+    path = tmp_path / "ds" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["schema_version"] = "1.0"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(FlexiModalError, match="embedding modality 'note' needs schema_version 1.1"):
+        load_manifest(tmp_path / "ds")
+
+
+def test_a_1_0_directory_without_embeddings_still_reads(tmp_path):
+    manifest = {**MANIFEST, "modalities": MANIFEST["modalities"][:1]}
+    stays = _stays().iloc[:4]
+    write_flexi(tmp_path / "ds", stays, _events(), manifest)
+    path = tmp_path / "ds" / "manifest.json"
+    old = json.loads(path.read_text()) | {"schema_version": "1.0"}
+    path.write_text(json.dumps(old))
+    assert validate_dir(tmp_path / "ds")["schema_version"] == "1.0"
+
+
+def test_vectors_of_an_embedding_modality_in_events_are_pointed_to_their_file(tmp_path):
+    events = _events()
+    events["modality"] = pd.Categorical(["vitals", "vitals", "vitals", "note"])
+    with pytest.raises(FlexiModalError) as info:
+        write_flexi(
+            tmp_path / "ds", _stays(), events, MANIFEST, embeddings={"note": pa.table(_notes())}
+        )
+    assert str(info.value) == (
+        "events (to write), row 3, column 'modality': modality 'note' is an embedding modality "
+        "(its vectors belong in embeddings/note.parquet)"
+    )
