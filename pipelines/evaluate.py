@@ -280,8 +280,8 @@ def main() -> None:
 
 
 def routing_rows(spec) -> list[str]:
-    """Row names of the model's expert-usage matrix: series modalities, then static."""
-    rows = list(spec.series)
+    """Row names of the model's expert-usage matrix: series, embedding modalities, then static."""
+    rows = list(spec.series) + list(getattr(spec, "embeddings", None) or {})
     if spec.static_dim:
         rows.append(spec.static_name or "static")
     return rows

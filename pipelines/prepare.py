@@ -23,10 +23,12 @@ from fusemoe.data.flexi import (
     FlexiModalError,
     assign_splits,
     load_manifest,
+    read_embeddings,
     read_tables,
     sha256_file,
     write_flexi,
 )
+from fusemoe.data.schema import embedding_file
 from pipelines import config
 from pipelines.download import DEFAULT_DIR as DOWNLOAD_DIR
 
@@ -73,17 +75,25 @@ def prepare(data: dict, params_file: str = "params.yaml") -> dict:
             raise FlexiModalError(params_file, "data.flexi_dir and data.out_dir must differ")
         manifest = load_manifest(flexi_dir)
         stays, events = read_tables(flexi_dir)
+        embeddings = read_embeddings(flexi_dir, manifest)
         if "split" not in stays.column_names:
             binary = [t["column"] for t in manifest["tasks"] if t["kind"] == "binary"]
             names = assign_splits(stays.to_pandas(), split, seed, binary[0] if binary else None)
             stays = stays.add_column(1, "split", [names.tolist()])
             manifest["split"] = {"fractions": split, "seed": seed, "stratify": binary[:1]}
         manifest.setdefault("source", f"flexi:{flexi_dir}")
-        manifest["source_hashes"] = {
-            name: sha256_file(flexi_dir / name) for name in (STAYS_FILE, EVENTS_FILE)
-        }
+        files = [STAYS_FILE, EVENTS_FILE] + [embedding_file(m) for m in embeddings]
+        manifest["source_hashes"] = {name: sha256_file(flexi_dir / name) for name in files}
         names = (str(flexi_dir / STAYS_FILE), str(flexi_dir / EVENTS_FILE))
-        return write_flexi(out_dir, stays, events, manifest, names=names)
+        return write_flexi(
+            out_dir,
+            stays,
+            events,
+            manifest,
+            names=names,
+            embeddings=embeddings,
+            embedding_names={m: str(flexi_dir / embedding_file(m)) for m in embeddings},
+        )
     raise FlexiModalError(params_file, f"data.source '{source}' is not one of {SOURCES}")
 
 
