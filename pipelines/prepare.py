@@ -3,7 +3,8 @@
 `python -m pipelines.prepare [--params params.yaml]` reads only the `data` section:
 - source: physionet2012 (the verified raw files in download_dir, filled by the `download` stage
   from a local mirror or PhysioNet),
-  synthetic (synthetic.num_stays / synthetic.seed), or flexi (a user's FlexiModal directory in
+  synthetic (synthetic.num_stays / synthetic.seed; synthetic.note_width > 0 adds the `note`
+  embedding modality the label needs), or flexi (a user's FlexiModal directory in
   flexi_dir, validated and re-written with fresh train-only statistics; a missing `split`
   column is filled by the seeded stratified split).
 - split, seed, los_threshold_days; verify_digests (default true) for modified P12 copies.
@@ -54,17 +55,18 @@ def prepare(data: dict, params_file: str = "params.yaml") -> dict:
         )
         return write_flexi(out_dir, stays, events, manifest)
     if source == "synthetic":
-        from fusemoe.data.synthetic import generate_synthetic
+        from fusemoe.data.synthetic import synthesize
 
         syn = data.get("synthetic") or {}
-        stays, events, manifest = generate_synthetic(
+        stays, events, manifest, embeddings = synthesize(
             num_stays=int(syn.get("num_stays", 2000)),
             seed=int(syn.get("seed", 0)),
             missingness=syn.get("missingness"),
             split=split,
             los_threshold_days=threshold,
+            note_width=int(syn.get("note_width", 0)),
         )
-        return write_flexi(out_dir, stays, events, manifest)
+        return write_flexi(out_dir, stays, events, manifest, embeddings=embeddings)
     if source == "flexi":
         flexi_dir = Path(data.get("flexi_dir") or "")
         if not str(data.get("flexi_dir") or ""):

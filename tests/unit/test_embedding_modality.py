@@ -265,3 +265,49 @@ def test_vectors_of_an_embedding_modality_in_events_are_pointed_to_their_file(tm
         "events (to write), row 3, column 'modality': modality 'note' is an embedding modality "
         "(its vectors belong in embeddings/note.parquet)"
     )
+
+
+# ----------------------------------------------------------------------------- loading and model
+
+
+def test_dataset_reads_each_shards_vectors_in_time_order_and_collate_pads_them(tmp_path):
+    import torch
+
+    from fusemoe.data.dataset import FlexiModalDataset, collate, dataset_spec
+
+    notes = _notes(time_h=pa.array([5.0, 1.0, 2.0, 0.0, 3.0], pa.float32()))  # a's out of order
+    _write(tmp_path, notes)
+    full = FlexiModalDataset(tmp_path / "ds", "train")
+    assert full.spec.embeddings == {"note": WIDTH} == dataset_spec(full.manifest).embeddings
+    a = full[full.stay_ids.index("a")]["embeddings"]["note"]
+    np.testing.assert_array_equal(a["times"], [1.0, 5.0])
+    np.testing.assert_array_equal(a["values"], [[3, 4, 5], [0, 1, 2]])
+    batch = collate([full[i] for i in range(len(full))])  # train stays a, b, e
+    note = batch["embeddings"]["note"]
+    assert note["values"].shape == (3, 2, WIDTH) and note["times"].shape == (3, 2)
+    assert note["mask"].tolist() == [[1, 1], [1, 0], [1, 0]]
+    assert batch["present"]["note"].tolist() == [True, True, True]
+    shard = FlexiModalDataset(tmp_path / "ds", "train", shard=(1, 2))  # stay b only
+    assert shard.stay_ids == ["b"] and shard.embeddings["note"].vectors.shape == (1, WIDTH)
+    test = collate([FlexiModalDataset(tmp_path / "ds", "test")[0]])  # stay d has no note
+    assert test["present"]["note"].tolist() == [False]
+    assert torch.equal(test["embeddings"]["note"]["mask"], torch.zeros(1, 1))
+
+
+def test_model_with_an_embedding_modality_round_trips_through_model_io(tmp_path):
+    import torch
+
+    from fusemoe.data.dataset import FlexiModalDataset, collate
+    from fusemoe.model_io import build_model, load_model, save_model
+
+    _write(tmp_path)
+    ds = FlexiModalDataset(tmp_path / "ds", "all")
+    params = {"d_model": 8, "n_heads": 2, "num_ref_points": 3, "num_experts": 2, "top_k": 1}
+    torch.manual_seed(0)
+    model = build_model(params, ds.spec).eval()
+    save_model(model.state_dict(), params, ds.spec, tmp_path / "model")
+    loaded, spec = load_model(tmp_path / "model")
+    assert spec == ds.spec
+    batch = collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).logits["ihm"], model(batch).logits["ihm"])
