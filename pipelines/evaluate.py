@@ -69,8 +69,10 @@ def at_random(fraction: float, seed: int):
 
 
 def observation_counts(ds: FlexiModalDataset) -> dict[str, np.ndarray]:
-    """Per modality, how many values each stay of `ds` has (static: observed descriptors)."""
+    """Per modality, how many values each stay of `ds` has (static: observed descriptors;
+    embedding modalities: vectors)."""
     counts = {name: np.diff(s.obs_offsets) for name, s in ds.series.items()}
+    counts |= {name: np.diff(e.offsets) for name, e in ds.embeddings.items()}  # vectors
     if ds.static_name is not None:
         counts[ds.static_name] = ds.static_mask.sum(1)
     return counts
