@@ -9,7 +9,8 @@ scored once. The models trained with the note are also scored with the note remo
 0/20/40/60/80% of the test stays. Reported: test AUROC mean ± sd over the seeds.
 
 Cost: `prepare` (data.source: flexi, i.e. read + validate + statistics + write) of a FlexiModal
-directory with a 10^5-row embedding modality of width 768, in a subprocess: wall time and peak RSS.
+directory with a 10^5-row embedding modality of width 768, in a subprocess: wall and CPU time and
+peak RSS (and the RSS of the interpreter with its imports before prepare starts).
 
 Run (from the repo root; about 20 min on a busy 2-core machine):
     nice -n 10 .venv/bin/python benchmarks/embedding_modality.py
@@ -171,9 +172,14 @@ def summarise(runs: list[dict]) -> dict:
 PREPARE_SCRIPT = """
 import json, resource, sys, time
 from pipelines.prepare import prepare
-t = time.perf_counter()
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+t, c = time.perf_counter(), cpu()
 m = prepare({"source": "flexi", "flexi_dir": sys.argv[1], "out_dir": sys.argv[2]})
-print(json.dumps({"wall_s": time.perf_counter() - t,
+print(json.dumps({"wall_s": time.perf_counter() - t, "cpu_s": cpu() - c,
+                  "rss_before_mb": rss0,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "vectors": m["counts"]["events_per_modality"]["note"]}))
 """
@@ -239,7 +245,9 @@ def prepare_cost(rows: int, width: int, root: Path) -> dict:
         "stays": n_stays,
         "source_file_mb": round(size / 2**20, 1),
         "wall_s": round(result["wall_s"], 2),
+        "cpu_s": round(result["cpu_s"], 2),
         "peak_rss_mb": round(result["peak_rss_mb"], 1),
+        "rss_before_prepare_mb": round(result["rss_before_mb"], 1),  # python + imports
         "vector_data_mb": round(rows * width * 4 / 2**20, 1),
     }
 
