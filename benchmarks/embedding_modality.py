@@ -169,18 +169,22 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
+# Memory from /proc/self/status: VmHWM (this process image's peak RSS) and VmRSS, since
+# ru_maxrss survives exec and would include the RSS of the forking benchmark process.
 PREPARE_SCRIPT = """
 import json, resource, sys, time
 from pipelines.prepare import prepare
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status_mb(key):
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+rss0 = status_mb("VmRSS")
 t, c = time.perf_counter(), cpu()
 m = prepare({"source": "flexi", "flexi_dir": sys.argv[1], "out_dir": sys.argv[2]})
 print(json.dumps({"wall_s": time.perf_counter() - t, "cpu_s": cpu() - c,
-                  "rss_before_mb": rss0,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_before_mb": rss0, "peak_rss_mb": status_mb("VmHWM"),
                   "vectors": m["counts"]["events_per_modality"]["note"]}))
 """
 
@@ -260,7 +264,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare-rows", type=int, default=100_000)
     parser.add_argument("--prepare-width", type=int, default=768)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="re-measure prepare_cost in the existing --out"
+    )
     args = parser.parse_args(argv)
+    if args.prepare_only:
+        report = json.loads(args.out.read_text())
+        with tempfile.TemporaryDirectory(prefix="fusemoe-embed-bench-") as tmp:
+            report["prepare_cost"] = prepare_cost(args.prepare_rows, args.prepare_width, Path(tmp))
+        report["prepare_command"] = " ".join([Path(sys.executable).name, *sys.argv])
+        write_json_atomic(args.out, report)
+        print("prepare:", report["prepare_cost"])
+        return 0
     torch.set_num_threads(1)
     report: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

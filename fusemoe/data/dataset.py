@@ -28,6 +28,7 @@ from fusemoe.data.flexi import (
     check_manifest,
     load_manifest,
     norm_arrays,
+    read_vectors,
     validate_events,
     vector_array,
 )
@@ -145,10 +146,9 @@ class FlexiModalDataset(Dataset):
             read_dictionary=["stay_id", "modality", "variable"],
             filters=only_kept,
         )
+        kept = None if only_kept is None else stays.column("stay_id").combine_chunks()
         embeddings = {
-            m["name"]: pq.read_table(
-                f"{path}/{embedding_file(m['name'])}", filesystem=fs, filters=only_kept
-            )
+            m["name"]: read_vectors(f"{path}/{embedding_file(m['name'])}", fs, kept)
             for m in embedding_modalities(manifest)
         }
         self._setup(stays, events, manifest, None, tasks, 0, embeddings)

@@ -660,10 +660,35 @@ def read_embeddings(directory: str | os.PathLike, manifest: dict) -> dict[str, p
                 path, f"file not found (the manifest declares embedding modality '{name}')"
             )
         try:
-            out[name] = pq.read_table(path)
+            out[name] = read_vectors(path)
         except (pa.ArrowException, OSError) as e:
             raise FlexiModalError(path, f"not a readable Parquet file ({e})") from None
     return out
+
+
+# Rows per Parquet row group of an embedding file: about 16 MiB of vectors, so that reading one
+# row group at a time (read_vectors) needs little memory beyond the vectors themselves.
+def vector_row_group_rows(width: int) -> int:
+    return max(1024, (16 << 20) // (4 * width))
+
+
+def read_vectors(
+    path: str, filesystem: pa.fs.FileSystem | None = None, stay_ids: pa.Array | None = None
+) -> pa.Table:
+    """An embedding file read one row group at a time (of `stay_ids` only, when given).
+
+    pyarrow decodes a whole list column with several transient buffers of its size, so reading a
+    10^5 x 768 file in one call peaks at about 5x its vectors; row group by row group, the peak
+    is the vectors kept plus one row group's transients."""
+    source = filesystem.open_input_file(path) if filesystem is not None else path
+    with pq.ParquetFile(source) as f:
+        parts = []
+        for i in range(f.num_row_groups):
+            part = f.read_row_group(i)
+            if stay_ids is not None:
+                part = part.filter(pc.is_in(part.column("stay_id"), value_set=stay_ids))
+            parts.append(part)
+        return pa.concat_tables(parts) if parts else f.schema_arrow.empty_table()
 
 
 def validate_dir(directory: str | os.PathLike) -> dict:
@@ -900,7 +925,8 @@ def write_flexi(
         files = [STAYS_FILE, EVENTS_FILE]
         for name, table in embeddings.items():
             (tmp / embedding_file(name)).parent.mkdir(exist_ok=True)
-            pq.write_table(table, tmp / embedding_file(name), row_group_size=1 << 16)
+            rows = vector_row_group_rows(table.schema.field("vector").type.list_size)
+            pq.write_table(table, tmp / embedding_file(name), row_group_size=rows)
             files.append(embedding_file(name))
         manifest["files"] = {name: sha256_file(tmp / name) for name in files}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")

@@ -376,3 +376,14 @@ def test_fusemoe_uses_the_synthetic_note_it_scores_far_better_with_it_than_witho
     write_flexi(tmp_path / "without", stays, events, without)
     with_note, without_note = _test_auroc(tmp_path / "with"), _test_auroc(tmp_path / "without")
     assert with_note > 0.68 and with_note > without_note + 0.15, (with_note, without_note)
+
+
+def test_vectors_are_read_row_group_by_row_group_keeping_only_the_stays_asked_for(tmp_path):
+    from fusemoe.data.flexi import read_vectors
+
+    table = pa.table(_notes())
+    pq.write_table(table, tmp_path / "n.parquet", row_group_size=2)  # 3 row groups
+    assert read_vectors(str(tmp_path / "n.parquet")).equals(table)
+    only = read_vectors(str(tmp_path / "n.parquet"), stay_ids=pa.array(["a", "e"]))
+    assert only.column("stay_id").to_pylist() == ["a", "a", "e"]
+    assert only.column("vector").to_pylist()[2] == [12.0, 13.0, 14.0]
