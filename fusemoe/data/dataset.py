@@ -399,7 +399,7 @@ def _build_embedding(n: int, stay_ids: list[str], table: pa.Table, width: int) -
     order = keep[np.lexsort((time[keep], stay[keep]))]
     return _Embedding(
         times=time[order],
-        vectors=vector_array(table.column("vector"), width)[order],
+        vectors=vector_array(table.column("vector").take(order), width),  # one copy, in order
         offsets=np.searchsorted(stay[order], np.arange(n + 1)).astype(np.int64),
     )
 
