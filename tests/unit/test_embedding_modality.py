@@ -316,7 +316,7 @@ def test_model_with_an_embedding_modality_round_trips_through_model_io(tmp_path)
 # ----------------------------------------------------------------------------- the model uses it
 
 
-def _test_auroc(data_dir, epochs: int = 6) -> float:
+def _test_auroc(data_dir, epochs: int = 5) -> float:
     """Train a tiny FuseMoE on ihm with the shipped pieces; test AUROC of the last epoch."""
     import torch
     from torch.utils.data import DataLoader
@@ -366,7 +366,7 @@ def test_fusemoe_uses_the_synthetic_note_it_scores_far_better_with_it_than_witho
 
     torch.set_num_threads(1)
     stays, events, manifest, embeddings = synthesize(
-        num_stays=500, seed=0, note_width=16, split=(0.6, 0.1, 0.3)
+        num_stays=400, seed=0, note_width=16, split=(0.6, 0.1, 0.3)
     )
     write_flexi(tmp_path / "with", stays, events, manifest, embeddings=embeddings)
     without = {
