@@ -162,7 +162,8 @@ class FuseMoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.series_names = list(spec.series)
-        self.embedding_names = list(getattr(spec, "embeddings", None) or {})
+        embeddings = dict(getattr(spec, "embeddings", None) or {})  # name -> vector width
+        self.embedding_names = list(embeddings)
         self.has_static = int(spec.static_dim) > 0
         self.static_name: str | None = getattr(spec, "static_name", None)
         self.tasks = [(t.name, t.kind, int(t.num_outputs)) for t in spec.tasks]
@@ -186,7 +187,7 @@ class FuseMoE(nn.Module):
                     cfg.time_horizon_h,
                     cfg.count_features,
                 )
-                for name, width in (getattr(spec, "embeddings", None) or {}).items()
+                for name, width in embeddings.items()
             }
         )
         self.static_encoder = StaticEncoder(spec.static_dim, d) if self.has_static else None
@@ -206,19 +207,20 @@ class FuseMoE(nn.Module):
         """All modality tokens of each sample, [B, S, d]."""
         present, tokens = batch.get("present", {}), []
         b = len(batch["stay_id"]) if "stay_id" in batch else len(next(iter(present.values())))
-        timed = [(n, batch["series"].get(n), self.series_encoders) for n in self.series_names]
+        # Series and embedding modalities alike: values/mask/times at irregular times -> T tokens.
+        timed = [(n, batch["series"].get(n), self.series_encoders[n]) for n in self.series_names]
         timed += [
-            (n, batch.get("embeddings", {}).get(n), self.embedding_encoders)
+            (n, batch.get("embeddings", {}).get(n), self.embedding_encoders[n])
             for n in self.embedding_names
         ]
-        for i, (name, s, encoders) in enumerate(timed):
+        for i, (name, s, encoder) in enumerate(timed):
             if s is None:  # modality absent from the whole batch: all "missing" tokens
                 h = self.modality_embed[i].missing.new_zeros(
                     b, self.modality_tokens[i], self.cfg.d_model
                 )
                 is_present = torch.zeros(b, dtype=torch.bool, device=h.device)
             else:
-                h = encoders[name](s["values"], s["mask"], s["times"])
+                h = encoder(s["values"], s["mask"], s["times"])
                 flag = present.get(name, torch.ones(h.shape[0], dtype=torch.bool, device=h.device))
                 is_present = series_present(flag.to(h.device), s["mask"])
             tokens.append(self.modality_embed[i](h, is_present))

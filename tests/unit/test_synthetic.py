@@ -105,3 +105,22 @@ def test_the_label_needs_the_note_vectors():
     both = pd.DataFrame({"hr": hr, "lac": lac}).join(y_of).dropna()
     series_acc = (((both["hr"] * both["lac"]) > 0) == both["ihm"]).mean()
     assert note_acc > 0.72 and series_acc < 0.68 and note_acc > series_acc + 0.08
+
+
+def test_params_data_synthetic_note_width_makes_prepare_write_the_note_modality(tmp_path):
+    import yaml
+
+    from pipelines import config
+    from pipelines.prepare import prepare
+
+    params = yaml.safe_load(open("params.yaml"))
+    params["data"].update(
+        source="synthetic",
+        out_dir=str(tmp_path / "out"),
+        synthetic={"num_stays": 80, "note_width": 4},
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    data = config.load(tmp_path / "params.yaml", ("data",))["data"]
+    manifest = prepare(data)
+    assert {"name": "note", "kind": "embedding", "width": 4} in manifest["modalities"]
+    assert validate_dir(tmp_path / "out")["counts"]["stays_with_modality"]["note"] > 0
