@@ -8,6 +8,7 @@ before calling `report`, so an orchestrator can merge and persist them (Ray Trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -88,7 +89,7 @@ def select_tasks(spec: DataSpec, names: list[str]) -> DataSpec:
         raise ValueError(
             f"params.yaml train.tasks: unknown task(s) {unknown}; dataset has {sorted(known)}"
         )
-    return DataSpec(series=spec.series, static_dim=spec.static_dim, tasks=[known[n] for n in names])
+    return dataclasses.replace(spec, tasks=[known[n] for n in names])
 
 
 def _rank() -> int:

@@ -35,7 +35,11 @@ def load_model(model_dir: Path) -> tuple[FuseMoE, DataSpec]:
     cfg = json.loads((Path(model_dir) / MODEL_CONFIG_FILE).read_text())
     s = cfg["spec"]
     spec = DataSpec(
-        series=s["series"], static_dim=s["static_dim"], tasks=[TaskSpec(**t) for t in s["tasks"]]
+        series=s["series"],
+        static_dim=s["static_dim"],
+        tasks=[TaskSpec(**t) for t in s["tasks"]],
+        static_name=s.get("static_name"),
+        embeddings=s.get("embeddings", {}),  # absent in models saved before embedding modalities
     )
     model = build_model(cfg["model"], spec)
     state = torch.load(Path(model_dir) / MODEL_FILE, map_location="cpu", weights_only=True)

@@ -95,6 +95,8 @@ class SyntheticConfig(Section):
     num_stays: PositiveInt = 2000
     seed: int = 0
     missingness: dict[str, Fraction] | None = None  # modality -> probability a stay lacks it
+    # > 0: an embedding modality `note` of this width that the ihm label needs (0 = none)
+    note_width: Annotated[int, Field(ge=0)] = 0
 
 
 class MedsConfig(Section):

@@ -69,8 +69,10 @@ def at_random(fraction: float, seed: int):
 
 
 def observation_counts(ds: FlexiModalDataset) -> dict[str, np.ndarray]:
-    """Per modality, how many values each stay of `ds` has (static: observed descriptors)."""
+    """Per modality, how many values each stay of `ds` has (static: observed descriptors;
+    embedding modalities: vectors)."""
     counts = {name: np.diff(s.obs_offsets) for name, s in ds.series.items()}
+    counts |= {name: np.diff(e.offsets) for name, e in ds.embeddings.items()}  # vectors
     if ds.static_name is not None:
         counts[ds.static_name] = ds.static_mask.sum(1)
     return counts
@@ -280,8 +282,8 @@ def main() -> None:
 
 
 def routing_rows(spec) -> list[str]:
-    """Row names of the model's expert-usage matrix: series modalities, then static."""
-    rows = list(spec.series)
+    """Row names of the model's expert-usage matrix: series, embedding modalities, then static."""
+    rows = list(spec.series) + list(getattr(spec, "embeddings", None) or {})
     if spec.static_dim:
         rows.append(spec.static_name or "static")
     return rows

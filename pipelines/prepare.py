@@ -3,7 +3,8 @@
 `python -m pipelines.prepare [--params params.yaml]` reads only the `data` section:
 - source: physionet2012 (the verified raw files in download_dir, filled by the `download` stage
   from a local mirror or PhysioNet),
-  synthetic (synthetic.num_stays / synthetic.seed), or flexi (a user's FlexiModal directory in
+  synthetic (synthetic.num_stays / synthetic.seed; synthetic.note_width > 0 adds the `note`
+  embedding modality the label needs), or flexi (a user's FlexiModal directory in
   flexi_dir, validated and re-written with fresh train-only statistics; a missing `split`
   column is filled by the seeded stratified split, grouped by `subject_id` when present),
   or meds (a MEDS dataset + label file, `data.meds`; see fusemoe/data/meds.py).
@@ -25,10 +26,12 @@ from fusemoe.data.flexi import (
     FlexiModalError,
     assign_splits,
     load_manifest,
+    read_embeddings,
     read_tables,
     sha256_file,
     write_flexi,
 )
+from fusemoe.data.schema import embedding_file
 from pipelines import config
 from pipelines.download import DEFAULT_DIR as DOWNLOAD_DIR
 
@@ -54,17 +57,18 @@ def prepare(data: dict, params_file: str = "params.yaml") -> dict:
         )
         return write_flexi(out_dir, stays, events, manifest)
     if source == "synthetic":
-        from fusemoe.data.synthetic import generate_synthetic
+        from fusemoe.data.synthetic import synthesize
 
         syn = data.get("synthetic") or {}
-        stays, events, manifest = generate_synthetic(
+        stays, events, manifest, embeddings = synthesize(
             num_stays=int(syn.get("num_stays", 2000)),
             seed=int(syn.get("seed", 0)),
             missingness=syn.get("missingness"),
             split=split,
             los_threshold_days=threshold,
+            note_width=int(syn.get("note_width", 0)),
         )
-        return write_flexi(out_dir, stays, events, manifest)
+        return write_flexi(out_dir, stays, events, manifest, embeddings=embeddings)
     if source == "flexi":
         flexi_dir = Path(data.get("flexi_dir") or "")
         if not str(data.get("flexi_dir") or ""):
@@ -75,6 +79,7 @@ def prepare(data: dict, params_file: str = "params.yaml") -> dict:
             raise FlexiModalError(params_file, "data.flexi_dir and data.out_dir must differ")
         manifest = load_manifest(flexi_dir)
         stays, events = read_tables(flexi_dir)
+        embeddings = read_embeddings(flexi_dir, manifest)
         if "split" not in stays.column_names:
             binary = [t["column"] for t in manifest["tasks"] if t["kind"] == "binary"]
             group = SUBJECT_COLUMN if SUBJECT_COLUMN in stays.column_names else None
@@ -84,11 +89,18 @@ def prepare(data: dict, params_file: str = "params.yaml") -> dict:
             stays = stays.add_column(1, "split", [names.tolist()])
             manifest["split"] = {"fractions": split, "seed": seed, "stratify": binary[:1]}
         manifest.setdefault("source", f"flexi:{flexi_dir}")
-        manifest["source_hashes"] = {
-            name: sha256_file(flexi_dir / name) for name in (STAYS_FILE, EVENTS_FILE)
-        }
+        files = [STAYS_FILE, EVENTS_FILE] + [embedding_file(m) for m in embeddings]
+        manifest["source_hashes"] = {name: sha256_file(flexi_dir / name) for name in files}
         names = (str(flexi_dir / STAYS_FILE), str(flexi_dir / EVENTS_FILE))
-        return write_flexi(out_dir, stays, events, manifest, names=names)
+        return write_flexi(
+            out_dir,
+            stays,
+            events,
+            manifest,
+            names=names,
+            embeddings=embeddings,
+            embedding_names={m: str(flexi_dir / embedding_file(m)) for m in embeddings},
+        )
     if source == "meds":
         from fusemoe.data.meds import read_meds
 

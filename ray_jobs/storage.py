@@ -9,6 +9,7 @@ Tune accept the same string, so markers and ids written here sit beside Ray's ow
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -68,6 +69,14 @@ def delete_dir(uri: str) -> None:
         filesystem.delete_dir(path)
 
 
+def dataset_files(data_dir: str | Path) -> list[str]:
+    """The files of a local FlexiModal directory, manifest.json last: the two tables and the
+    embedding modalities' files (`embeddings/<modality>.parquet`, listed in the manifest)."""
+    manifest = json.loads((Path(data_dir) / DATASET_FILES[-1]).read_text())
+    extra = [f for f in manifest.get("files", {}) if f not in DATASET_FILES]
+    return [*DATASET_FILES[:-1], *extra, DATASET_FILES[-1]]
+
+
 def dataset_uri(data_dir: str | Path, storage_path: str, data_hash: str) -> str:
     """Where the workers read the prepared dataset: `data_dir` itself when storage is local,
     else `<storage>/datasets/<data_hash>`, uploaded once (content-addressed: skipped if there)."""
@@ -78,7 +87,8 @@ def dataset_uri(data_dir: str | Path, storage_path: str, data_hash: str) -> str:
         return dest
     filesystem, path = _fs(dest)
     filesystem.create_dir(path, recursive=True)
-    for name in DATASET_FILES:
+    for name in dataset_files(data_dir):
+        filesystem.create_dir(f"{path}/{name}".rsplit("/", 1)[0], recursive=True)
         with (
             open(Path(data_dir) / name, "rb") as src,
             filesystem.open_output_stream(f"{path}/{name}") as dst,

@@ -4,6 +4,8 @@ Memory-light by construction: Parquet is read once with Arrow, events are sorted
 (stay, time, variable) with numpy, and each series modality is kept as flat arrays plus per-stay
 offsets. Observations of different variables at the same time share one time row, so a sample's
 series is `values[L, V]` with a mask. Values are z-scored with the manifest's train-only statistics.
+An embedding modality is kept as its [R, width] float32 vectors sorted by (stay, time) plus per-stay
+offsets; its vectors are used as stored (the model layer-normalises them).
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ from fusemoe.data.flexi import (
     check_manifest,
     load_manifest,
     norm_arrays,
+    read_vectors,
     validate_events,
+    vector_array,
 )
 from fusemoe.data.location import resolve
-from fusemoe.data.schema import LABEL_TYPES, SPLITS, series_modalities, static_variables
+from fusemoe.data.schema import (
+    LABEL_TYPES,
+    SPLITS,
+    embedding_file,
+    embedding_modalities,
+    embedding_schema,
+    series_modalities,
+    static_variables,
+)
 
 
 @dataclass(frozen=True)
@@ -41,12 +53,14 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What the model needs to know about the data: series widths, static width, task heads."""
+    """What the model needs to know about the data: series widths, static width, task heads,
+    embedding modality widths."""
 
     series: dict[str, int]
     static_dim: int
     tasks: list[TaskSpec] = field(default_factory=list)
     static_name: str | None = None  # the static modality's name (its `present` key)
+    embeddings: dict[str, int] = field(default_factory=dict)  # embedding modality -> width
 
 
 def dataset_spec(manifest: dict) -> DataSpec:
@@ -57,6 +71,7 @@ def dataset_spec(manifest: dict) -> DataSpec:
         static_name=next(
             (m["name"] for m in manifest["modalities"] if m["kind"] == "static"), None
         ),
+        embeddings={m["name"]: int(m["width"]) for m in embedding_modalities(manifest)},
     )
 
 
@@ -79,6 +94,15 @@ class _Series:
     obs_var: np.ndarray  # i16[O]
     obs_val: np.ndarray  # f32[O], z-scored
     obs_offsets: np.ndarray  # i64[N+1]
+
+
+@dataclass
+class _Embedding:
+    """One embedding modality of a split: vectors sorted by (stay, time), grouped by offsets."""
+
+    times: np.ndarray  # f32[R]
+    vectors: np.ndarray  # f32[R, width]
+    offsets: np.ndarray  # i64[N+1]
 
 
 class FlexiModalDataset(Dataset):
@@ -111,15 +135,23 @@ class FlexiModalDataset(Dataset):
             raise ValueError(f"shard rank {rank} outside a world of {world}")
         if world > 1:
             stays = stays.take(np.arange(rank, stays.num_rows, world))
+        only_kept = (
+            None
+            if split in (None, "all") and world == 1
+            else pc.field("stay_id").isin(stays.column("stay_id"))
+        )
         events = pq.read_table(
             f"{path}/{EVENTS_FILE}",
             filesystem=fs,
             read_dictionary=["stay_id", "modality", "variable"],
-            filters=None
-            if split in (None, "all") and world == 1
-            else pc.field("stay_id").isin(stays.column("stay_id")),
+            filters=only_kept,
         )
-        self._setup(stays, events, manifest, None, tasks, 0)
+        kept = None if only_kept is None else stays.column("stay_id").combine_chunks()
+        embeddings = {
+            m["name"]: read_vectors(f"{path}/{embedding_file(m['name'])}", fs, kept)
+            for m in embedding_modalities(manifest)
+        }
+        self._setup(stays, events, manifest, None, tasks, 0, embeddings)
         self.split = split
 
     @classmethod
@@ -134,6 +166,7 @@ class FlexiModalDataset(Dataset):
 
         Events are validated strictly against the manifest (FlexiModalError); stays need only
         unique stay ids and the static columns; label columns may be absent or all null.
+        Embedding modalities are not read here: the model sees them as missing.
         """
         check_manifest(manifest, "manifest")
         stays = _inference_stays(stays, manifest)
@@ -151,6 +184,7 @@ class FlexiModalDataset(Dataset):
         split: str | None,
         tasks: list[str] | None,
         max_stays: int,
+        embeddings: dict[str, pa.Table] | None = None,
     ) -> None:
         self.manifest = manifest
         self.split = split
@@ -202,6 +236,12 @@ class FlexiModalDataset(Dataset):
             self.series[name] = _build_series(
                 n, stay[sel], time[sel], vmap[var_codes[sel]], value[sel], mean, std
             )
+        self.embeddings: dict[str, _Embedding] = {}
+        for m in embedding_modalities(manifest):
+            table = (embeddings or {}).get(m["name"])
+            if table is None:  # not given (records to score): no vectors, the modality is missing
+                table = embedding_schema(m["width"]).empty_table()
+            self.embeddings[m["name"]] = _build_embedding(n, self.stay_ids, table, m["width"])
 
     def __len__(self) -> int:
         return len(self.stay_ids)
@@ -217,9 +257,17 @@ class FlexiModalDataset(Dataset):
             values[rows, s.obs_var[o0:o1]] = s.obs_val[o0:o1]
             mask[rows, s.obs_var[o0:o1]] = 1.0
             series[name] = {"times": s.row_times[r0:r1], "values": values, "mask": mask}
+        embeddings = {
+            name: {
+                "times": e.times[e.offsets[i] : e.offsets[i + 1]],
+                "values": e.vectors[e.offsets[i] : e.offsets[i + 1]],
+            }
+            for name, e in self.embeddings.items()
+        }
         sample = {
             "stay_id": self.stay_ids[i],
             "series": series,
+            "embeddings": embeddings,
             "labels": {t: lab[i] for t, lab in self.labels.items()},
         }
         if self.static_name is not None:
@@ -342,6 +390,20 @@ def _build_series(
     )
 
 
+def _build_embedding(n: int, stay_ids: list[str], table: pa.Table, width: int) -> _Embedding:
+    """Vectors of the stays `stay_ids` (others dropped), sorted by (stay, time)."""
+    pos = pc.index_in(table.column("stay_id"), value_set=pa.array(stay_ids, pa.string()))
+    stay = pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    time = table.column("time_h").to_numpy().astype(np.float32)
+    keep = np.flatnonzero(stay >= 0)
+    order = keep[np.lexsort((time[keep], stay[keep]))]
+    return _Embedding(
+        times=time[order],
+        vectors=vector_array(table.column("vector").take(order), width),  # one copy, in order
+        offsets=np.searchsorted(stay[order], np.arange(n + 1)).astype(np.int64),
+    )
+
+
 def collate(samples: list[dict]) -> dict:
     """Pad a list of samples into the Batch dict of docs/INTERFACES.md."""
     b = len(samples)
@@ -363,6 +425,11 @@ def collate(samples: list[dict]) -> dict:
             "times": torch.from_numpy(times),
         }
         batch["present"][name] = torch.tensor([n > 0 for n in lengths], dtype=torch.bool)
+    for name in first.get("embeddings", {}):
+        batch.setdefault("embeddings", {})[name] = _pad_embedding(
+            [s["embeddings"][name] for s in samples]
+        )
+        batch["present"][name] = batch["embeddings"][name]["mask"].sum(1) > 0
     if "static" in first:
         values = torch.from_numpy(np.stack([s["static"]["values"] for s in samples]))
         mask = torch.from_numpy(np.stack([s["static"]["mask"] for s in samples]))
@@ -374,6 +441,23 @@ def collate(samples: list[dict]) -> dict:
     }
     batch["stay_id"] = [s["stay_id"] for s in samples]
     return batch
+
+
+def _pad_embedding(records: list[dict]) -> dict:
+    """One embedding modality's vectors of a batch: values [B, T, width], times and mask [B, T]
+    (padding rows are 0, T = the most vectors of a sample, at least 1)."""
+    lengths = [r["times"].shape[0] for r in records]
+    length, width = max(1, max(lengths)), records[0]["values"].shape[1]
+    values = np.zeros((len(records), length, width), np.float32)
+    times = np.zeros((len(records), length), np.float32)
+    mask = np.zeros((len(records), length), np.float32)
+    for j, (r, n) in enumerate(zip(records, lengths, strict=True)):
+        values[j, :n], times[j, :n], mask[j, :n] = r["values"], r["times"], 1.0
+    return {
+        "values": torch.from_numpy(values),
+        "times": torch.from_numpy(times),
+        "mask": torch.from_numpy(mask),
+    }
 
 
 def drop_modalities(batch: dict, p: float, generator: torch.Generator | None = None) -> dict:

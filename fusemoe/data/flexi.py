@@ -1,7 +1,7 @@
 """The FlexiModal on-disk format: strict validation, train-only statistics, atomic writing.
 
-A FlexiModal directory holds `stays.parquet`, `events.parquet` and `manifest.json` (format in
-docs/FLEXIMODAL.md). Every reader (PhysioNet 2012, synthetic, a user's own files) ends in
+A FlexiModal directory holds `stays.parquet`, `events.parquet`, `manifest.json` and one
+`embeddings/<modality>.parquet` per embedding modality (format in docs/FLEXIMODAL.md). Every reader (PhysioNet 2012, synthetic, a user's own files) ends in
 `write_flexi`, so every dataset passes the same validator and gets statistics computed the same way.
 Errors are `FlexiModalError` with a one-line message naming file, row/record, column and problem;
 rows are 0-based row numbers of the table.
@@ -29,6 +29,9 @@ from fusemoe.data.schema import (
     SCHEMA_VERSION,
     SPLITS,
     TASK_KINDS,
+    embedding_file,
+    embedding_modalities,
+    embedding_schema,
     series_modalities,
     static_variables,
     stays_schema,
@@ -113,6 +116,15 @@ def check_manifest(manifest: dict, file: str | os.PathLike = MANIFEST_FILE) -> N
             raise bad(
                 f"modality '{name}' has kind {m.get('kind')!r}, expected one of {MODALITY_KINDS}"
             )
+        if m["kind"] == "embedding":
+            if version == "1.0":
+                raise bad(f"embedding modality '{name}' needs schema_version 1.1 (file says 1.0)")
+            width = m.get("width")
+            if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+                raise bad(
+                    f"embedding modality '{name}' needs an integer 'width' >= 1, got {width!r}"
+                )
+            continue
         var = m.get("variables")
         if not isinstance(var, list) or not var or not all(isinstance(v, str) and v for v in var):
             raise bad(f"modality '{name}' needs a non-empty list of variable names")
@@ -292,11 +304,153 @@ def validate(
     stays_file: str = STAYS_FILE,
     events_file: str = EVENTS_FILE,
     manifest_file: str = MANIFEST_FILE,
+    embeddings: dict[str, pa.Table] | None = None,
+    embedding_files: dict[str, str] | None = None,
 ) -> None:
-    """Strict check of a FlexiModal dataset; raises FlexiModalError on the first problem."""
+    """Strict check of a FlexiModal dataset; raises FlexiModalError on the first problem.
+
+    `embeddings` holds one table per embedding modality of the manifest (`embedding_files` names
+    them in errors; default `embeddings/<modality>.parquet`)."""
     check_manifest(manifest, manifest_file)
     _validate_stays(stays, manifest, stays_file)
-    validate_events(events, stays, manifest, events_file, stays_file)
+    embeddings = embeddings or {}
+    files = _embedding_labels(manifest, embeddings, embedding_files)
+    observed = np.zeros(stays.num_rows, dtype=bool)
+    for m in embedding_modalities(manifest):
+        observed |= validate_embedding(
+            embeddings[m["name"]], m, stays, files[m["name"]], stays_file
+        )
+    validate_events(events, stays, manifest, events_file, stays_file, observed=observed)
+
+
+def _embedding_labels(
+    manifest: dict, embeddings: dict, labels: dict[str, str] | None
+) -> dict[str, str]:
+    """File label of every embedding table, after checking tables and manifest agree."""
+    labels = {m: embedding_file(m) for m in embeddings} | (labels or {})
+    declared = {m["name"] for m in embedding_modalities(manifest)}
+    for name in embeddings:
+        if name not in declared:
+            raise FlexiModalError(
+                labels[name], f"modality '{name}' is not an embedding modality of the manifest"
+            )
+    for name in sorted(declared - set(embeddings)):
+        raise FlexiModalError(
+            labels.get(name, embedding_file(name)),
+            f"file not found (the manifest declares embedding modality '{name}')",
+        )
+    return labels
+
+
+def conform_vectors(table: pa.Table, width: int, file: str) -> tuple[pa.Table, dict]:
+    """An embedding table with stay_id/time_h cast losslessly as in `conform_types` and its
+    `vector` column as fixed_size_list<float32, width>: a (large/fixed-size) list of a numeric
+    type whose rows all hold `width` values, cast losslessly. Also returns the casts made."""
+    schema = embedding_schema(width)
+    table, casts = conform_types(table, pa.schema([f for f in schema if f.name != "vector"]), file)
+    if "vector" not in table.column_names:
+        return table, casts  # the column check reports it
+    col = table.column("vector").combine_chunks()
+    expected = schema.field("vector").type
+    if col.type == expected:
+        return table, casts
+    is_list = (
+        pa.types.is_list(col.type)
+        or pa.types.is_large_list(col.type)
+        or pa.types.is_fixed_size_list(col.type)
+    )
+    if not is_list:
+        raise FlexiModalError(
+            file,
+            f"wrong type {col.type}, expected {expected} (one vector per row)",
+            column="vector",
+        )
+    _check_no_nulls(table, file, ["vector"])
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    wrong = lengths != width
+    if wrong.any():
+        i = _first(wrong)
+        raise FlexiModalError(
+            file, f"vector has {lengths[i]} values, expected width {width}", row=i, column="vector"
+        )
+    flat = col.flatten()
+    if flat.null_count:
+        i = int(
+            pc.list_parent_indices(col)[
+                _first(pc.is_null(flat).to_numpy(zero_copy_only=False))
+            ].as_py()
+        )
+        raise FlexiModalError(
+            file, "missing (null) value inside the vector", row=i, column="vector"
+        )
+    if pa.types.is_fixed_size_list(col.type):
+        col = col.cast(pa.list_(col.type.value_type))  # what cast_losslessly handles
+    values = cast_losslessly(col, pa.list_(pa.float32()), file, "vector")
+    if values is None:
+        raise FlexiModalError(file, f"wrong type {col.type}, expected {expected}", column="vector")
+    vectors = pa.FixedSizeListArray.from_arrays(values.flatten(), width)
+    casts["vector"] = f"{table.column('vector').type} -> {expected}"
+    table = table.set_column(table.column_names.index("vector"), "vector", vectors)
+    return table, casts
+
+
+def vector_array(col: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """float32 [rows, width] view of a fixed_size_list<float32, width> column (no row loop)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def validate_embedding(
+    table: pa.Table, modality: dict, stays: pa.Table, file: str, stays_file: str
+) -> np.ndarray:
+    """One embedding modality's vectors against the manifest and the (validated) stays; returns
+    which stays have a vector."""
+    name, width = modality["name"], modality["width"]
+    schema = embedding_schema(width)
+    vec = table.column("vector").type if "vector" in table.column_names else None
+    if vec is not None and pa.types.is_fixed_size_list(vec) and vec.list_size != width:
+        raise FlexiModalError(
+            file, f"vectors have width {vec.list_size}, the manifest says {width}", column="vector"
+        )
+    _check_columns(table, schema, file)
+    _check_no_nulls(table, file, schema.names)
+    time = _np(table.column("time_h"))
+    _check_finite(time, file, "time_h", "time")
+    neg = time < 0
+    if neg.any():
+        i = _first(neg)
+        raise FlexiModalError(file, f"negative time {time[i]} h", row=i, column="time_h")
+    start = 0
+    for chunk in table.column("vector").chunks:  # chunk by chunk: no copy of all the vectors
+        vectors = vector_array(chunk, width)
+        if not np.isfinite(vectors).all():
+            i, j = np.argwhere(~np.isfinite(vectors))[0]
+            raise FlexiModalError(
+                file,
+                f"vector value {j} is not finite ({vectors[i, j]})",
+                row=start + int(i),
+                column="vector",
+            )
+        start += len(chunk)
+    stay_ids = stays.column("stay_id").combine_chunks().cast(pa.string())
+    pos = pc.index_in(table.column("stay_id"), value_set=stay_ids)
+    pos_np = pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    if (pos_np < 0).any():
+        i = _first(pos_np < 0)
+        sid = table.column("stay_id")[i].as_py()
+        raise FlexiModalError(
+            file, f"stay_id '{sid}' is not in {stays_file}", row=i, column="stay_id"
+        )
+    i = _first_repeat(pos_np, np.zeros_like(pos_np), time)
+    if i is not None:
+        raise FlexiModalError(
+            file,
+            f"stay '{table.column('stay_id')[i].as_py()}' already has a {name} vector at "
+            f"{time[i]} h (one vector per time; average or drop repeats)",
+            row=i,
+            column="time_h",
+        )
+    return np.bincount(pos_np, minlength=stays.num_rows) > 0
 
 
 def _stays_schema_of(stays: pa.Table, manifest: dict) -> pa.Schema:
@@ -398,9 +552,15 @@ def _validate_label(col: pa.ChunkedArray, task: dict, file: str) -> None:
 
 
 def validate_events(
-    events: pa.Table, stays: pa.Table, manifest: dict, file: str, stays_file: str
+    events: pa.Table,
+    stays: pa.Table,
+    manifest: dict,
+    file: str,
+    stays_file: str,
+    observed: np.ndarray | None = None,
 ) -> None:
-    """Events against the manifest and the (already validated) stays."""
+    """Events against the manifest and the (already validated) stays; `observed` marks stays
+    with observations elsewhere (embedding vectors), which need no event or static value."""
     _check_columns(events, EVENTS_SCHEMA, file)
     _check_no_nulls(events, file, EVENTS_SCHEMA.names)
     time = _np(events.column("time_h"))
@@ -420,10 +580,13 @@ def validate_events(
     if (mod_idx < 0).any():
         i = _first(mod_idx < 0)
         name = mod_dict[mod_codes[i]]
+        embedding_names = {m["name"] for m in embedding_modalities(manifest)}
         why = (
             "is static (static values belong in stays.parquet)"
             if name in static_names
-            else ("is not a series modality of the manifest")
+            else f"is an embedding modality (its vectors belong in {embedding_file(name)})"
+            if name in embedding_names
+            else "is not a series modality of the manifest"
         )
         raise FlexiModalError(file, f"modality '{name}' {why}", row=i, column="modality")
     var_codes, var_dict = _strings(events.column("variable"))
@@ -466,6 +629,8 @@ def validate_events(
     has_static = np.zeros(stays.num_rows, dtype=bool)
     for v in static_variables(manifest):
         has_static |= pc.is_valid(stays.column(v)).to_numpy(zero_copy_only=False)
+    if observed is not None:
+        has_events |= observed
     empty = ~(has_events | has_static)
     if empty.any():
         i = _first(empty)
@@ -514,11 +679,59 @@ def read_tables(directory: str | os.PathLike) -> tuple[pa.Table, pa.Table]:
     return out[0], out[1]
 
 
+def read_embeddings(directory: str | os.PathLike, manifest: dict) -> dict[str, pa.Table]:
+    """The embedding tables of a local FlexiModal directory, one per embedding modality of the
+    manifest; a declared modality without its file, or a file no modality declares, is an error."""
+    d = Path(directory)
+    declared = {m["name"] for m in embedding_modalities(manifest)}
+    for path in sorted((d / "embeddings").glob("*.parquet")):
+        if path.stem not in declared:
+            raise FlexiModalError(
+                path, f"modality '{path.stem}' is not an embedding modality of the manifest"
+            )
+    out = {}
+    for name in sorted(declared):
+        path = d / embedding_file(name)
+        if not path.is_file():
+            raise FlexiModalError(
+                path, f"file not found (the manifest declares embedding modality '{name}')"
+            )
+        try:
+            out[name] = read_vectors(path)
+        except (pa.ArrowException, OSError) as e:
+            raise FlexiModalError(path, f"not a readable Parquet file ({e})") from None
+    return out
+
+
+# Rows per Parquet row group of an embedding file: about 16 MiB of vectors.
+def vector_row_group_rows(width: int) -> int:
+    return max(1024, (16 << 20) // (4 * width))
+
+
+def read_vectors(
+    path: str, filesystem: pa.fs.FileSystem | None = None, stay_ids: pa.Array | None = None
+) -> pa.Table:
+    """An embedding file read in batches of rows (of `stay_ids` only, when given).
+
+    `pq.read_table` decodes a whole row group of a list column with several transient buffers of
+    its size (a 10^5 x 768 file in one row group peaks at about 5x its vectors); batch by batch,
+    the peak is the vectors kept plus one batch, and reading is faster too."""
+    source = filesystem.open_input_file(path) if filesystem is not None else path
+    with pq.ParquetFile(source) as f:
+        parts = []
+        for batch in f.iter_batches(batch_size=4096):
+            if stay_ids is not None:
+                batch = batch.filter(pc.is_in(batch.column("stay_id"), value_set=stay_ids))
+            parts.append(batch)
+        return pa.Table.from_batches(parts, schema=f.schema_arrow)
+
+
 def validate_dir(directory: str | os.PathLike) -> dict:
     """Validate a FlexiModal directory; returns its manifest."""
     d = Path(directory)
     manifest = load_manifest(d)
     stays, events = read_tables(d)
+    embeddings = read_embeddings(d, manifest)
     validate(
         stays,
         events,
@@ -526,6 +739,8 @@ def validate_dir(directory: str | os.PathLike) -> dict:
         stays_file=str(d / STAYS_FILE),
         events_file=str(d / EVENTS_FILE),
         manifest_file=str(d / MANIFEST_FILE),
+        embeddings=embeddings,
+        embedding_files={m: str(d / embedding_file(m)) for m in embeddings},
     )
     return manifest
 
@@ -545,8 +760,13 @@ def _rate(x: np.ndarray) -> float | None:
     return round(float(x.mean()), 6) if x.size else None
 
 
-def compute_statistics(stays: pa.Table, events: pa.Table, manifest: dict) -> dict:
-    """Derived manifest fields: norm (train split only), counts, label_rates, missingness."""
+def compute_statistics(
+    stays: pa.Table, events: pa.Table, manifest: dict, embeddings: dict[str, pa.Table] | None = None
+) -> dict:
+    """Derived manifest fields: norm (train split only), counts, label_rates, missingness.
+
+    Embedding modalities get counts and missingness but no norm: the model's embedding encoder
+    layer-normalises each vector, so no per-dimension statistics are needed."""
     split = np.asarray(stays.column("split").to_pylist(), dtype=object)
     split_masks = {s: split == s for s in SPLITS}
     train = split_masks["train"]
@@ -571,7 +791,13 @@ def compute_statistics(stays: pa.Table, events: pa.Table, manifest: dict) -> dic
         name = m["name"]
         norm[name] = {}
         missingness["variable"][name] = {}
-        if m["kind"] == "static":
+        if m["kind"] == "embedding":
+            del norm[name], missingness["variable"][name]
+            table = (embeddings or {})[name]
+            pos = _np(pc.index_in(table.column("stay_id"), value_set=stays.column("stay_id")))
+            present = np.bincount(pos.astype(np.int64), minlength=n) > 0
+            counts["events_per_modality"][name] = table.num_rows
+        elif m["kind"] == "static":
             present = np.zeros(n, dtype=bool)
             for v in m["variables"]:
                 col = stays.column(v)
@@ -669,11 +895,15 @@ def write_flexi(
     manifest: dict,
     *,
     names: tuple[str, str] = ("stays (to write)", "events (to write)"),
+    embeddings: dict[str, pa.Table | pd.DataFrame] | None = None,
+    embedding_names: dict[str, str] | None = None,
 ) -> dict:
     """Cast losslessly, validate, complete the manifest (train-only norm etc.) and write
     atomically; returns the manifest.
 
-    `names` label the tables in error messages (e.g. the user's file paths). Output goes to a
+    `embeddings` holds one table (stay_id, time_h, vector) per embedding modality of the
+    manifest. `names` and `embedding_names` label the tables in error messages (e.g. the user's
+    file paths). Output goes to a
     temp dir beside the target, which then replaces the target by rename, so a failure at any
     point leaves either the old directory or nothing, never a partial one.
     """
@@ -686,12 +916,37 @@ def write_flexi(
     stays, stays_casts = conform_types(stays, _stays_schema_of(stays, manifest), names[0])
     events, events_casts = conform_types(events, EVENTS_SCHEMA, names[1])
     casts = {STAYS_FILE: stays_casts, EVENTS_FILE: events_casts}
+    embeddings = {m: _as_table(t) for m, t in (embeddings or {}).items()}
+    labels = _embedding_labels(
+        manifest,
+        embeddings,
+        {m: f"{embedding_file(m)} (to write)" for m in embeddings} | (embedding_names or {}),
+    )
+    widths = {m["name"]: m["width"] for m in embedding_modalities(manifest)}
+    for name, table in embeddings.items():
+        embeddings[name], casts[embedding_file(name)] = conform_vectors(
+            table, widths[name], labels[name]
+        )
     if any(casts.values()):  # recorded only when made, so exact-typed sources are unchanged
         manifest["casts"] = {k: v for k, v in casts.items() if v}
-    validate(stays, events, manifest, stays_file=names[0], events_file=names[1])
+    validate(
+        stays,
+        events,
+        manifest,
+        stays_file=names[0],
+        events_file=names[1],
+        embeddings=embeddings,
+        embedding_files=labels,
+    )
     stays = _normalise_stays(stays, manifest)
     events = _normalise_events(events)
-    manifest.update(compute_statistics(stays, events, manifest))
+    embeddings = {
+        m: pa.table({f.name: t.column(f.name) for f in embedding_schema(widths[m])}).cast(
+            embedding_schema(widths[m])
+        )
+        for m, t in embeddings.items()
+    }
+    manifest.update(compute_statistics(stays, events, manifest, embeddings))
 
     target = Path(directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -702,7 +957,13 @@ def write_flexi(
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like mkdir's
         pq.write_table(stays, tmp / STAYS_FILE)
         pq.write_table(events, tmp / EVENTS_FILE, row_group_size=1 << 20)
-        manifest["files"] = {name: sha256_file(tmp / name) for name in (STAYS_FILE, EVENTS_FILE)}
+        files = [STAYS_FILE, EVENTS_FILE]
+        for name, table in embeddings.items():
+            (tmp / embedding_file(name)).parent.mkdir(exist_ok=True)
+            rows = vector_row_group_rows(table.schema.field("vector").type.list_size)
+            pq.write_table(table, tmp / embedding_file(name), row_group_size=rows)
+            files.append(embedding_file(name))
+        manifest["files"] = {name: sha256_file(tmp / name) for name in files}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
         _replace_dir(tmp, target)
     except BaseException:

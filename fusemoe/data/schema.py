@@ -9,10 +9,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 # Major version changes break readers; minor versions only add optional manifest keys.
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: embedding modalities (1.0 files are read unchanged)
 
 SPLITS = ("train", "val", "test")
-MODALITY_KINDS = ("series", "static")
+MODALITY_KINDS = ("series", "static", "embedding")
 TASK_KINDS = ("binary", "regression", "multiclass", "multilabel")
 
 # Label column type per task kind. Null = label missing for that stay.
@@ -69,6 +69,11 @@ def static_variables(manifest: dict) -> list[str]:
 
 def series_modalities(manifest: dict) -> list[dict]:
     return [m for m in manifest["modalities"] if m["kind"] == "series"]
+
+
+def embedding_modalities(manifest: dict) -> list[dict]:
+    """Modalities whose events are vectors (`{"name", "kind": "embedding", "width"}`)."""
+    return [m for m in manifest["modalities"] if m["kind"] == "embedding"]
 
 
 def stays_schema(manifest: dict) -> pa.Schema:

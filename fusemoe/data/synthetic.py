@@ -9,6 +9,14 @@ cross-modal fusion. `los_days` (regression) and `los_gt7` depend on z_vitals and
 (multilabel, 3 labels) is [z_vitals > 0.5, z_labs > 0.5, Age above 65], each with 5% noise, so
 every task kind of the format has a learnable synthetic label. Modalities go missing per stay with a controllable probability; observation times are
 irregular (uniform over 48 h) and each variable is observed at a random subset of them.
+
+With `note_width > 0` (`synthesize`) a third latent z_note ~ N(0, 1) enters the label,
+`ihm = 1[z_vitals * z_labs + 1.5 z_note > 0]`, and only an embedding modality `note` reveals it:
+each note is a `note_width`-d vector `1.5 z_note u + N(0, I)` (u a fixed random unit direction) at
+a random time, 1 + Poisson(2) notes per stay, missing for a stay with probability
+`missingness["note"]` (default 0.2). Without the notes the label is mostly unpredictable, so a model
+that scores well uses them. All of it draws from its own random stream: with the note off, every
+column and event of a seed is what it was before.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from fusemoe.data.flexi import assign_splits, write_flexi
 
@@ -57,6 +66,13 @@ GROUND_TRUTH = (
     "acuity = 2 * 1[z_vitals > 0] + 1[z_labs > 0] (5% random class); "
     "phenotype = [z_vitals > 0.5, z_labs > 0.5, age_z > 0] (5% flipped each)"
 )
+NOTE = "note"
+NOTE_WEIGHT = 1.5  # of z_note in the ihm score and in each note vector
+NOTE_MISSINGNESS = 0.2
+NOTE_GROUND_TRUTH = (
+    "with the note modality: ihm = 1[z_vitals * z_labs + 1.5 z_note > 0] with 5% flipped; "
+    "note vector = 1.5 z_note u + N(0, I), u a fixed unit vector, 1 + Poisson(2) notes per stay"
+)
 
 
 def generate_synthetic(
@@ -68,16 +84,37 @@ def generate_synthetic(
     los_threshold_days: float = 7.0,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Return (stays_df, events_df, manifest) in the FlexiModal layout (not yet validated)."""
-    miss = DEFAULT_MISSINGNESS | (missingness or {})
-    unknown = set(miss) - set(SERIES)
+    stays, events, manifest, _ = synthesize(
+        num_stays, seed, missingness, split, obs_prob, los_threshold_days
+    )
+    return stays, events, manifest
+
+
+def synthesize(
+    num_stays: int = 2000,
+    seed: int = 0,
+    missingness: dict[str, float] | None = None,
+    split: tuple[float, float, float] | list[float] = (0.7, 0.15, 0.15),
+    obs_prob: float = 0.7,
+    los_threshold_days: float = 7.0,
+    note_width: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict[str, pa.Table]]:
+    """`generate_synthetic` plus the embedding tables ({} unless `note_width` > 0: then the
+    `note` modality the ihm label needs, see the module docstring)."""
+    miss = DEFAULT_MISSINGNESS | ({NOTE: NOTE_MISSINGNESS} if note_width else {})
+    miss |= missingness or {}
+    known = [*SERIES, NOTE] if note_width else list(SERIES)
+    unknown = set(miss) - set(known)
     if unknown:
-        raise ValueError(f"unknown synthetic modalities {sorted(unknown)}; have {list(SERIES)}")
+        raise ValueError(f"unknown synthetic modalities {sorted(unknown)}; have {known}")
     rng = np.random.default_rng(seed)
     n = num_stays
     z_v, z_l, age_z = rng.standard_normal((3, n))
     latent = {"vitals": z_v, "labs": z_l, "respiratory": z_l}
+    note_rng = np.random.default_rng([seed, 2])  # the note's own stream (see the docstring)
+    z_note = note_rng.standard_normal(n) if note_width else np.zeros(n)
 
-    ihm = ((z_v * z_l) > 0) ^ (rng.random(n) < 0.05)
+    ihm = ((z_v * z_l + NOTE_WEIGHT * z_note) > 0) ^ (rng.random(n) < 0.05)
     los = np.exp(1.9 + 0.3 * z_v + 0.2 * age_z + 0.2 * rng.standard_normal(n)).astype(np.float32)
     los_known = rng.random(n) >= 0.02
     stays = pd.DataFrame(
@@ -136,6 +173,9 @@ def generate_synthetic(
     # which is the one a dataset built from the repeated rows used.
     key = ["stay_id", "modality", "variable", "time_h"]
     events = events.drop_duplicates(key, keep="last", ignore_index=True)
+    embeddings = {}
+    if note_width:
+        embeddings[NOTE] = _notes(note_rng, stays["stay_id"].to_numpy(), z_note, note_width, miss)
     manifest = {
         "source": "synthetic",
         "source_hashes": {},
@@ -144,13 +184,15 @@ def generate_synthetic(
             "seed": seed,
             "missingness": miss,
             "obs_prob": obs_prob,
-            "ground_truth": GROUND_TRUTH,
-        },
+            "ground_truth": GROUND_TRUTH + ("; " + NOTE_GROUND_TRUTH if note_width else ""),
+        }
+        | ({"note_width": note_width} if note_width else {}),
         "split": {"fractions": list(split), "seed": seed, "stratify": "ihm"},
         "modalities": [
             {"name": name, "kind": "series", "variables": list(v)}
             for name, (_, v) in SERIES.items()
         ]
+        + ([{"name": NOTE, "kind": "embedding", "width": note_width}] if note_width else [])
         + [{"name": "static", "kind": "static", "variables": STATIC}],
         "tasks": [
             {"name": "ihm", "kind": "binary", "column": "ihm", "num_outputs": 1},
@@ -166,10 +208,34 @@ def generate_synthetic(
             {"name": "phenotype", "kind": "multilabel", "column": "phenotype", "num_outputs": 3},
         ],
     }
-    return stays, events, manifest
+    return stays, events, manifest, embeddings
+
+
+def _notes(
+    rng: np.random.Generator, stay_ids: np.ndarray, z: np.ndarray, width: int, miss: dict
+) -> pa.Table:
+    """Note vectors `NOTE_WEIGHT * z u + N(0, I)` at random times, one table row per note."""
+    u = rng.standard_normal(width)
+    u /= np.linalg.norm(u)
+    present = rng.random(len(z)) >= miss[NOTE]
+    counts = np.where(present, rng.poisson(2.0, len(z)) + 1, 0)
+    stay = np.repeat(np.arange(len(z)), counts)
+    time = np.round(rng.uniform(0, HORIZON_H, stay.size), 3).astype(np.float32)
+    vectors = NOTE_WEIGHT * z[stay, None] * u + rng.standard_normal((stay.size, width))
+    notes = pd.DataFrame({"stay": stay, "time_h": time}).drop_duplicates(["stay", "time_h"])
+    keep = notes.index.to_numpy()  # times rounded to 0.001 h can coincide: one note per time
+    return pa.table(
+        {
+            "stay_id": pa.array(stay_ids[stay[keep]]),
+            "time_h": pa.array(time[keep]),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors[keep].astype(np.float32).ravel()), width
+            ),
+        }
+    )
 
 
 def write_synthetic(directory: str | os.PathLike, **kwargs) -> dict:
-    """Generate (see `generate_synthetic` for arguments) and write atomically; returns manifest."""
-    stays, events, manifest = generate_synthetic(**kwargs)
-    return write_flexi(directory, stays, events, manifest)
+    """Generate (see `synthesize` for arguments) and write atomically; returns manifest."""
+    stays, events, manifest, embeddings = synthesize(**kwargs)
+    return write_flexi(directory, stays, events, manifest, embeddings=embeddings)

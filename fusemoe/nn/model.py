@@ -1,6 +1,7 @@
 """FuseMoE (Han et al., arXiv 2402.03226) in one file, single-device PyTorch.
 
-    per-modality encoders (mTAND for irregular series, MLP for static)     -> T_m tokens each
+    per-modality encoders (mTAND for irregular series, projection + mTAND
+               for embedding modalities, MLP for static)                   -> T_m tokens each
     + missing-modality embedding / presence indicator / modality type      -> [B, S, d]
     n_layers x pre-LN Transformer block (self-attention over ONE sample's
                tokens; FFN = sparse MoE layer, or dense for the baseline)  -> [B, S, d]
@@ -26,7 +27,13 @@ from torch import Tensor, nn
 
 from fusemoe.nn.gates import GATE_TYPES, ConfidenceGate
 from fusemoe.nn.moe import BALANCE_SCOPES, ROUTER_TYPES, DenseFFN, MoELayer, MoEOutput
-from fusemoe.nn.mtand import ModalityTokens, MTANDEncoder, StaticEncoder, series_present
+from fusemoe.nn.mtand import (
+    EmbeddingEncoder,
+    ModalityTokens,
+    MTANDEncoder,
+    StaticEncoder,
+    series_present,
+)
 
 
 @dataclass
@@ -148,12 +155,15 @@ class Block(nn.Module):
 
 class FuseMoE(nn.Module):
     """The FuseMoE model for a dataset described by ``spec`` (a ``fusemoe.data.dataset.DataSpec``:
-    ``series={name: num_vars}``, ``static_dim``, ``tasks=[TaskSpec(name, kind, num_outputs)]``)."""
+    ``series={name: num_vars}``, ``static_dim``, ``tasks=[TaskSpec(name, kind, num_outputs)]``,
+    optionally ``embeddings={name: width}``)."""
 
     def __init__(self, cfg: FuseMoEConfig, spec: Any):
         super().__init__()
         self.cfg = cfg
         self.series_names = list(spec.series)
+        embeddings = dict(getattr(spec, "embeddings", None) or {})  # name -> vector width
+        self.embedding_names = list(embeddings)
         self.has_static = int(spec.static_dim) > 0
         self.static_name: str | None = getattr(spec, "static_name", None)
         self.tasks = [(t.name, t.kind, int(t.num_outputs)) for t in spec.tasks]
@@ -167,9 +177,24 @@ class FuseMoE(nn.Module):
                 for name, nv in spec.series.items()
             }
         )
+        self.embedding_encoders = nn.ModuleDict(
+            {
+                name: EmbeddingEncoder(
+                    width,
+                    d,
+                    cfg.n_heads,
+                    cfg.num_ref_points,
+                    cfg.time_horizon_h,
+                    cfg.count_features,
+                )
+                for name, width in embeddings.items()
+            }
+        )
         self.static_encoder = StaticEncoder(spec.static_dim, d) if self.has_static else None
-        # Token layout per sample: each series -> num_ref_points tokens, static -> 1, in this order.
-        self.modality_tokens = [cfg.num_ref_points] * len(self.series_names)
+        # Token layout per sample: each series, then each embedding modality -> num_ref_points
+        # tokens; static -> 1; in this order.
+        timed = self.series_names + self.embedding_names
+        self.modality_tokens = [cfg.num_ref_points] * len(timed)
         self.modality_tokens += [1] if self.has_static else []
         self.modality_embed = nn.ModuleList(ModalityTokens(n, d) for n in self.modality_tokens)
         self.drop = nn.Dropout(cfg.dropout)
@@ -182,15 +207,20 @@ class FuseMoE(nn.Module):
         """All modality tokens of each sample, [B, S, d]."""
         present, tokens = batch.get("present", {}), []
         b = len(batch["stay_id"]) if "stay_id" in batch else len(next(iter(present.values())))
-        for i, name in enumerate(self.series_names):
-            s = batch["series"].get(name)
+        # Series and embedding modalities alike: values/mask/times at irregular times -> T tokens.
+        timed = [(n, batch["series"].get(n), self.series_encoders[n]) for n in self.series_names]
+        timed += [
+            (n, batch.get("embeddings", {}).get(n), self.embedding_encoders[n])
+            for n in self.embedding_names
+        ]
+        for i, (name, s, encoder) in enumerate(timed):
             if s is None:  # modality absent from the whole batch: all "missing" tokens
                 h = self.modality_embed[i].missing.new_zeros(
                     b, self.modality_tokens[i], self.cfg.d_model
                 )
                 is_present = torch.zeros(b, dtype=torch.bool, device=h.device)
             else:
-                h = self.series_encoders[name](s["values"], s["mask"], s["times"])
+                h = encoder(s["values"], s["mask"], s["times"])
                 flag = present.get(name, torch.ones(h.shape[0], dtype=torch.bool, device=h.device))
                 is_present = series_present(flag.to(h.device), s["mask"])
             tokens.append(self.modality_embed[i](h, is_present))
@@ -202,11 +232,12 @@ class FuseMoE(nn.Module):
 
     def _static_present(self, batch: dict, mask: Tensor) -> Tensor:
         """Static presence: its ``present`` flag (key = the static modality's name, i.e. the one
-        key that is not a series) and at least one observed static value."""
+        key that is not a series or embedding modality) and at least one observed static value."""
         present = batch.get("present", {})
         name = self.static_name
         if name is None:
-            extra = [k for k in present if k not in self.series_names]
+            timed = self.series_names + self.embedding_names
+            extra = [k for k in present if k not in timed]
             name = extra[0] if len(extra) == 1 else None
         observed = mask.flatten(1).sum(-1) > 0
         return observed if name is None else observed & present[name].to(mask.device).bool()

@@ -1,4 +1,5 @@
-"""Modality encoders: mTAND for irregular series, an MLP for static data, missing-modality tokens.
+"""Modality encoders: mTAND for irregular series and for embedding modalities (vectors at irregular
+times), an MLP for static data, missing-modality tokens.
 
 mTAND (Shukla & Marlin, "Multi-Time Attention Networks for Irregularly Sampled Time Series", ICLR
 2021) re-samples an irregular multivariate series at T fixed reference times: each reference time
@@ -141,6 +142,37 @@ def _masked_softmax(scores: Tensor, keep: Tensor, dim: int) -> Tensor:
     return masked.softmax(dim=dim) * any_kept
 
 
+class EmbeddingEncoder(nn.Module):
+    """An embedding modality ``values [B, L, width], mask/times [B, L]`` -> tokens [B, T, d].
+
+    As the reference does for notes and chest X-rays: each vector (one per time stamp) is
+    layer-normalised (so encoders of any output scale need no dataset statistics) and projected
+    to d, then mTAND re-samples the projected sequence at the reference times, every projected
+    dimension being a variable observed wherever a vector is.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        d_model: int,
+        n_heads: int,
+        num_ref_points: int,
+        horizon_h: float = 48.0,
+        count_features: bool = False,
+    ):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, d_model)
+        self.mtand = MTANDEncoder(
+            d_model, d_model, n_heads, num_ref_points, horizon_h, count_features
+        )
+
+    def forward(self, values: Tensor, mask: Tensor, times: Tensor) -> Tensor:
+        x = self.proj(self.norm(values.to(self.proj.weight.dtype)))
+        m = mask.to(x.dtype)[..., None].expand_as(x)
+        return self.mtand(x * m, m, times)
+
+
 class StaticEncoder(nn.Module):
     """Static features ``values/mask [B, S]`` -> one token [B, 1, d] (MLP on values and mask)."""
 
@@ -186,6 +218,7 @@ def series_present(present: Tensor, mask: Tensor) -> Tensor:
 
 
 __all__ = [
+    "EmbeddingEncoder",
     "MTANDEncoder",
     "ModalityTokens",
     "StaticEncoder",

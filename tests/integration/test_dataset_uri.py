@@ -1,5 +1,6 @@
 """A FlexiModal directory on S3-compatible object storage (a real moto server) reads exactly like
-the same directory on local disk, shards included; a missing one fails with one clear line."""
+the same directory on local disk, shards and embedding modalities included; a missing one fails
+with one clear line."""
 
 import socket
 
@@ -16,8 +17,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def s3_dataset(tmp_path_factory):
-    """(local dir, its s3:// URI) after uploading the directory to a fresh moto bucket."""
+    """(local dir, its s3:// URI) after uploading the directory to a fresh moto bucket the way
+    the train stage does (ray_jobs.storage.dataset_uri)."""
     from moto.server import ThreadedMotoServer
+
+    from ray_jobs import storage
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -29,7 +33,7 @@ def s3_dataset(tmp_path_factory):
     mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     try:
         local = tmp_path_factory.mktemp("uri") / "processed"
-        write_synthetic(local, num_stays=60, seed=0)
+        write_synthetic(local, num_stays=60, seed=0, note_width=4)  # with a `note` embedding
         endpoint = f"http://127.0.0.1:{port}"
         s3 = pafs.S3FileSystem(
             endpoint_override=endpoint,
@@ -38,11 +42,10 @@ def s3_dataset(tmp_path_factory):
             allow_bucket_creation=True,
         )
         s3.create_dir("bucket")
-        pafs.copy_files(str(local), "bucket/datasets/abc", destination_filesystem=s3)
-        yield (
-            local,
-            f"s3://bucket/datasets/abc?endpoint_override={endpoint}&scheme=http&region=us-east-1",
-        )
+        query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
+        uri = storage.dataset_uri(local, f"s3://bucket?{query}", "abc")
+        assert uri == f"s3://bucket/datasets/abc?{query}"
+        yield local, uri
     finally:
         mp.undo()
         server.stop()
@@ -58,6 +61,9 @@ def test_a_dataset_on_s3_reads_like_the_local_copy(s3_dataset):
         for name in b.series:
             np.testing.assert_array_equal(a.series[name].obs_val, b.series[name].obs_val)
             np.testing.assert_array_equal(a.series[name].row_times, b.series[name].row_times)
+        assert list(b.embeddings) == ["note"]
+        np.testing.assert_array_equal(a.embeddings["note"].vectors, b.embeddings["note"].vectors)
+        np.testing.assert_array_equal(a.embeddings["note"].offsets, b.embeddings["note"].offsets)
 
 
 def test_a_missing_dataset_on_s3_names_the_file_without_the_endpoint(s3_dataset):

@@ -27,6 +27,7 @@ class Spec:
     series: dict[str, int] = field(default_factory=lambda: {"vitals": 4, "labs": 3})
     static_dim: int = 5
     tasks: list[Task] = field(default_factory=lambda: [Task("ihm", "binary")])
+    embeddings: dict[str, int] = field(default_factory=dict)  # embedding modality -> width
 
 
 def make_samples(spec: Spec, n: int, seed: int = 0, max_rows: int = 9) -> list[dict]:
@@ -55,12 +56,23 @@ def make_samples(spec: Spec, n: int, seed: int = 0, max_rows: int = 9) -> list[d
                 labels[t.name] = torch.randint(0, t.num_outputs, (), generator=g).float()
             else:
                 labels[t.name] = torch.randint(0, 2, (t.num_outputs,), generator=g).float()
-        samples.append({"series": series, "static": static, "labels": labels})
+        embeddings = {}
+        for name, width in spec.embeddings.items():
+            rows = int(torch.randint(1, max_rows + 1, (1,), generator=g))
+            times = torch.sort(torch.rand(rows, generator=g) * 48).values
+            embeddings[name] = {"times": times, "values": torch.randn(rows, width, generator=g)}
+        samples.append(
+            {"series": series, "embeddings": embeddings, "static": static, "labels": labels}
+        )
     return samples
 
 
 def drop_modality(sample: dict, name: str) -> dict:
-    """The same sample with all events of one series modality removed."""
+    """The same sample with all events of one series (or embedding) modality removed."""
+    if name in sample.get("embeddings", {}):
+        width = sample["embeddings"][name]["values"].shape[1]
+        empty = {"times": torch.zeros(0), "values": torch.zeros(0, width)}
+        return {**sample, "embeddings": {**sample["embeddings"], name: empty}}
     series = dict(sample["series"])
     v = series[name]["values"].shape[1]
     series[name] = {"times": torch.zeros(0), "values": torch.zeros(0, v), "mask": torch.zeros(0, v)}
@@ -88,6 +100,20 @@ def collate(samples: list[dict], extra_pad: int = 0) -> dict:
             values[i, :n], mask[i, :n], times[i, :n] = rec["values"], rec["mask"], rec["times"]
         batch["series"][name] = {"values": values, "mask": mask, "times": times}
         batch["present"][name] = mask.flatten(1).sum(-1) > 0
+    for name in samples[0].get("embeddings", {}):
+        width = samples[0]["embeddings"][name]["values"].shape[1]
+        length = max(1, max(s["embeddings"][name]["times"].numel() for s in samples)) + extra_pad
+        values, mask, times = (
+            torch.zeros(b, length, width),
+            torch.zeros(b, length),
+            torch.zeros(b, length),
+        )
+        for i, s in enumerate(samples):
+            rec = s["embeddings"][name]
+            n = rec["times"].numel()
+            values[i, :n], mask[i, :n], times[i, :n] = rec["values"], 1.0, rec["times"]
+        batch.setdefault("embeddings", {})[name] = {"values": values, "mask": mask, "times": times}
+        batch["present"][name] = mask.sum(-1) > 0
     static_values = torch.stack([s["static"]["values"] for s in samples])
     static_mask = torch.stack([s["static"]["mask"] for s in samples])
     batch["static"] = {"values": static_values, "mask": static_mask}

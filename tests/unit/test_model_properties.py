@@ -28,6 +28,11 @@ SMALL = dict(
 )
 
 
+# The property tests run on series + static and again with an embedding modality (issue 16).
+SPECS = [Spec(), Spec(embeddings={"note": 6})]
+SPEC_IDS = ["series", "with_embedding"]
+
+
 def model(spec: Spec | None = None, seed: int = 0, **overrides) -> FuseMoE:
     torch.manual_seed(seed)
     return FuseMoE(FuseMoEConfig(**{**SMALL, **overrides}), spec or Spec())
@@ -38,11 +43,11 @@ def loss_of(m: FuseMoE, batch: dict, spec: Spec) -> torch.Tensor:
     return task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 @pytest.mark.parametrize("router", ROUTER_TYPES)
 @pytest.mark.parametrize("count_features", [False, True])
-def test_a_sample_scores_the_same_alone_and_in_any_batch(router, count_features):
-    spec = Spec()
-    m = model(router=router, gate_noise=0.5, count_features=count_features).eval()
+def test_a_sample_scores_the_same_alone_and_in_any_batch(router, count_features, spec):
+    m = model(spec, router=router, gate_noise=0.5, count_features=count_features).eval()
     samples = make_samples(spec, 6, seed=1)
     with torch.no_grad():
         together = m(collate(samples)).logits["ihm"]
@@ -76,10 +81,10 @@ def test_same_seed_gives_the_same_loss_curve():
     assert first[-1] != first[0]  # it actually trained
 
 
-@pytest.mark.parametrize("modality", ["labs", STATIC])
+@pytest.mark.parametrize("modality", ["labs", STATIC, "note"])
 def test_masking_a_modality_equals_dropping_its_events(modality):
-    spec = Spec()
-    m = model().eval()
+    spec = SPECS[1]
+    m = model(spec).eval()
     samples = make_samples(spec, 4, seed=2)
     masked = collate(samples)
     masked["present"][modality][1] = False
@@ -103,25 +108,78 @@ def test_masking_a_modality_equals_dropping_its_events(modality):
     assert (a[1] - full[1]).abs() > 1e-6  # the missing modality did change sample 1's prediction
 
 
-def test_missing_modality_uses_learned_embedding_not_zeros():
-    spec = Spec()
-    m = model()
+@pytest.mark.parametrize(("modality", "position"), [("vitals", 0), ("note", 2)])
+def test_missing_modality_uses_learned_embedding_not_zeros(modality, position):
+    spec = SPECS[1]  # token layout: vitals, labs, note, static
+    m = model(spec)
     batch = random_batch(spec, n=3)
-    batch["present"]["vitals"][:] = False
-    tokens = m.encode(batch)[:, : SMALL["num_ref_points"]]
-    emb = m.modality_embed[0]
+    batch["present"][modality][:] = False
+    t = SMALL["num_ref_points"]
+    tokens = m.encode(batch)[:, position * t : (position + 1) * t]
+    emb = m.modality_embed[position]
     expected = emb.missing + emb.type_embed + emb.presence.weight[0]
     torch.testing.assert_close(tokens, expected.expand_as(tokens))
     assert tokens.abs().sum() > 0
+
+
+def test_a_stay_without_vectors_gets_the_missing_tokens_of_the_embedding_modality():
+    spec = SPECS[1]
+    m = model(spec).eval()
+    samples = make_samples(spec, 3, seed=5)
+    batch = collate([drop_modality(s, "note") if i == 1 else s for i, s in enumerate(samples)])
+    assert batch["present"]["note"].tolist() == [True, False, True]
+    t = SMALL["num_ref_points"]
+    emb = m.modality_embed[2]
+    with torch.no_grad():
+        tokens = m.encode(batch)[:, 2 * t : 3 * t]
+    torch.testing.assert_close(tokens[1], emb.missing + emb.type_embed + emb.presence.weight[0])
+    assert (tokens[0] - tokens[1]).abs().max() > 1e-4
+
+
+def test_a_batch_without_the_embedding_modality_scores_it_as_missing():
+    """A batch with no `embeddings` entry (e.g. records scored without their vectors) gives each
+    sample the prediction it gets with the modality flagged missing."""
+    spec = SPECS[1]
+    m = model(spec).eval()
+    batch = collate(make_samples(spec, 4, seed=6))
+    flagged = {**batch, "present": {**batch["present"], "note": torch.zeros(4, dtype=torch.bool)}}
+    without = {k: v for k, v in batch.items() if k != "embeddings"}
+    del without["present"]["note"]
+    with torch.no_grad():
+        torch.testing.assert_close(m(without).logits["ihm"], m(flagged).logits["ihm"])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_the_order_of_a_stays_events_does_not_matter(spec):
+    m = model(spec).eval()
+    samples = make_samples(spec, 4, seed=7)
+    g = torch.Generator().manual_seed(0)
+
+    def shuffled(rec: dict) -> dict:
+        order = torch.randperm(rec["times"].numel(), generator=g)
+        return {k: v[order] for k, v in rec.items()}
+
+    permuted = [
+        {
+            **s,
+            "series": {n: shuffled(r) for n, r in s["series"].items()},
+            "embeddings": {n: shuffled(r) for n, r in s["embeddings"].items()},
+        }
+        for s in samples
+    ]
+    with torch.no_grad():
+        a, b = m(collate(samples)).logits["ihm"], m(collate(permuted)).logits["ihm"]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("gate", ["laplace", "confidence"])
 @pytest.mark.parametrize("router", ROUTER_TYPES)
 def test_every_parameter_gets_a_nonzero_gradient(router, gate):
     """Including each router's gate (top-K < E), every expert, encoders and missing embeddings."""
-    spec = Spec()
-    m = model(router=router, gate=gate)
+    spec = SPECS[1]
+    m = model(spec, router=router, gate=gate)
     samples = make_samples(spec, 12, seed=4)
+    samples = [drop_modality(s, "note") if i % 4 == 1 else s for i, s in enumerate(samples)]
     batch = collate([drop_modality(s, "labs") if i % 3 == 0 else s for i, s in enumerate(samples)])
     batch["present"]["vitals"][1] = False
     batch["present"][STATIC][2] = False
