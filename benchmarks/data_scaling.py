@@ -18,6 +18,8 @@ child alone):
 - worker data: what one data-parallel rank loads (its train shard `shard=(rank, world)` and all of
   validation, as fusemoe.loop.train builds them), for world 1 and for rank 0 of a 2-way shard, and
   a process that imports the same but loads nothing (baseline), so the data's own share is visible;
+- cpu_s (user + system seconds of the child) beside every wall time: the machine is shared, and
+  CPU seconds measure the work where wall seconds also measure the neighbours;
 - epoch: one epoch of the shipped loop `fusemoe.loop.train` (params.yaml model/train/deepspeed with
   best_params.yaml laid over, train.epochs 1, one worker) including its validation pass.
   `--train-stays-per-x N` caps the epoch's training stays at N k (train.max_train_stays), so the
@@ -84,10 +86,12 @@ cfg = {
     "train": {**params["train"], "epochs": 1, "max_train_stays": cap},
     "deepspeed": params["deepspeed"],
 }
-t0 = time.perf_counter()
-m = train(cfg, report=lambda metrics, ckpt: None, log=lambda *a, **k: None)["metrics"]
+cpu = {}
+t0, cpu["start"] = time.perf_counter(), time.process_time()
+m = train(cfg, report=lambda metrics, ckpt: cpu.setdefault("end", time.process_time()),
+          log=lambda *a, **k: None)["metrics"]
 wall = time.perf_counter() - t0
-print(json.dumps({"wall_s": wall, "epoch_s": m["epoch_s"], "samples_per_s": m["samples_per_s"],
+print(json.dumps({"wall_s": wall, "train_call_cpu_s": cpu["end"] - cpu["start"], "epoch_s": m["epoch_s"], "samples_per_s": m["samples_per_s"],
                   "train_loss": m["train_loss"], "primary": params["train"]["primary_metric"],
                   "primary_value": m.get(params["train"]["primary_metric"])}))
 """
@@ -108,7 +112,11 @@ def run_child(args: list[str], cwd: Path) -> dict:
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(f"{' '.join(args[:4])} failed ({code}):\n{stderr[-3000:]}")
-    out = {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    out = {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+    }
     last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     if last.startswith("{"):
         out["child"] = json.loads(last)
@@ -211,6 +219,7 @@ def measure_scale(k: int, args: argparse.Namespace, work: Path, save) -> dict:
         train_stays=train_stays,
         val_stays=val_stays,
         epoch_s=round(c["epoch_s"], 2),
+        train_call_cpu_s=round(c["train_call_cpu_s"], 2),
         train_s=round(train_s, 2),
         val_s=round(val_s, 2),
         ms_per_train_stay=round(1000 * train_s / train_stays, 3),
@@ -236,12 +245,14 @@ def ratios(scales: dict) -> dict:
     one = scales["1x"]
     figures = {
         "prepare_wall_s": ("prepare", "wall_s"),
+        "prepare_cpu_s": ("prepare", "cpu_s"),
         "prepare_peak_rss_mib": ("prepare", "peak_rss_mib"),
         "worker_world1_peak_rss_mib": ("worker_data", "world1", "peak_rss_mib"),
         "worker_world1_data_share_mib": ("worker_data", "world1", "data_share_mib"),
         "worker_rank0_of_2_peak_rss_mib": ("worker_data", "rank0_of_2", "peak_rss_mib"),
         "worker_rank0_of_2_data_share_mib": ("worker_data", "rank0_of_2", "data_share_mib"),
         "epoch_peak_rss_mib": ("epoch", "peak_rss_mib"),
+        "epoch_train_call_cpu_s": ("epoch", "train_call_cpu_s"),
         "full_epoch_s": ("epoch", "full_epoch_s"),
     }
 
