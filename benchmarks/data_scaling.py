@@ -52,6 +52,19 @@ from pipelines.common import write_json_atomic  # noqa: E402
 
 ID_STRIDE = 1_000_000  # P12 RecordIDs are 6 digits: replica r of record i is i + r * ID_STRIDE
 LINEAR_MARGIN = 1.10
+NOTES = [
+    "Wall seconds on the shared 2-core machine are dominated by the neighbours (load average "
+    "in each entry, 10-27): read growth off cpu_s.",
+    "worker_data is one rank's uncapped data (its train shard + all of validation), the part of "
+    "a worker's memory that grows with the data; the epoch's own peak RSS is with the capped "
+    "training set (max_train_stays) and the whole validation split.",
+    "Each rank decodes every row group of events.parquet and keeps only its stays' rows (a "
+    "pyarrow filter while scanning: the shard's stays are spread over all row groups), so its "
+    "memory follows its share and its decode CPU the whole file.",
+    "prepare parses P12 in chunks of ~16 MiB of records (PARSE_CHUNK_BYTES), but write_flexi "
+    "still validates and computes the train-only statistics on the whole events table, so "
+    "prepare's peak grows linearly with the events (about 0.1 KiB per event), not bounded.",
+]
 
 DATA_CHILD = """
 import json, os, resource, sys, time
@@ -315,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         versions={"numpy": np.__version__, "pyarrow": pa.__version__, "torch": torch.__version__},
         input="k replicas of the real P12 records with new RecordIDs (docstring of this file)",
         linear_margin=LINEAR_MARGIN,
+        notes=NOTES,
     )
     result.setdefault("scales", {})
     result.setdefault("commands", [])
