@@ -418,6 +418,44 @@ def _clean_series(parsed: dict, cleaning: dict) -> dict:
     }
 
 
+# Raw bytes of records parsed at once: the parse's arrays take ~30x their input, so chunks bound
+# prepare's peak memory whatever the size of a set (every parse and cleaning rule is per record).
+PARSE_CHUNK_BYTES = 16 << 20
+
+
+def _parse_records(label: str, files: list[tuple[str, bytes]], cleaning: dict) -> dict:
+    """`_parse_set` + `_clean_series` over chunks of about PARSE_CHUNK_BYTES of records,
+    concatenated: the one-pass result, with the compact dtypes the events table stores
+    (file i32, var i8, time_h f32, value f32) so the parts of all sets stay small."""
+    records = [f for f in files if f[0].endswith(".txt")]
+    if not records:
+        raise FlexiModalError(label, "no <RecordID>.txt record files")
+    parts, start = [], 0
+    while start < len(records):
+        stop, size = start, 0
+        while stop < len(records) and (stop == start or size < PARSE_CHUNK_BYTES):
+            size += len(records[stop][1])
+            stop += 1
+        parsed = _parse_set(label, records[start:stop], cleaning)
+        c = _clean_series(parsed, cleaning)
+        parts.append(
+            {
+                "names": parsed["names"],
+                "ids": parsed["ids"],
+                "descriptors": parsed["descriptors"],
+                "file": (c["file"] + start).astype(np.int32),
+                "var": c["var"].astype(np.int8),
+                "time_h": (c["minute"] / 60.0).astype(np.float32),
+                "value": c["value"].astype(np.float32),
+            }
+        )
+        del parsed, c
+        start = stop
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "names"}
+    out["names"] = [n for p in parts for n in p["names"]]
+    return out
+
+
 def _read_outcomes(path: Path, verify: bool) -> pd.DataFrame:
     if not path.is_file():
         raise FlexiModalError(path, "file not found")
@@ -509,7 +547,7 @@ def read_physionet2012(
     for s in sets:
         label, files = _set_files(raw, s)
         digest = content_digest(files)
-        parsed = _parse_set(label, files, cleaning)
+        parsed = _parse_records(label, files, cleaning)
         del files
         for rid, name in zip(parsed["ids"], parsed["names"], strict=True):
             if rid in id_set:
@@ -545,9 +583,8 @@ def read_physionet2012(
         st["los_gt"] = pd.array(np.where(np.isnan(los), pd.NA, los > los_threshold_days), "Int8")
         st["los_days"] = pd.array(los, "Float32")
         stays_parts.append((st, desc))
-        c = _clean_series(parsed, cleaning)
-        c["file"] += offset
-        event_parts.append(c)
+        event_parts.append({k: parsed[k] for k in ("var", "time_h", "value")})
+        event_parts[-1]["file"] = parsed["file"] + np.int32(offset)
         offset += len(parsed["ids"])
 
     stays = pd.concat([p[0] for p in stays_parts], ignore_index=True)
@@ -559,7 +596,7 @@ def read_physionet2012(
     stays.insert(1, "split", assign_splits(stays, split, seed, "ihm", group_col="subject_id"))
 
     ev = {
-        k: np.concatenate([p[k] for p in event_parts]) for k in ("file", "var", "minute", "value")
+        k: np.concatenate([p[k] for p in event_parts]) for k in ("file", "var", "time_h", "value")
     }
     has_series = np.bincount(ev["file"], minlength=len(stays)) > 0
     cleaning["stays_without_series"] = int((~has_series).sum())
@@ -577,8 +614,8 @@ def read_physionet2012(
             "variable": pa.DictionaryArray.from_arrays(
                 pa.array(ev["var"].astype(np.int32)), pa.array(SERIES_VARS)
             ),
-            "time_h": pa.array((ev["minute"] / 60.0).astype(np.float32)),
-            "value": pa.array(ev["value"].astype(np.float32)),
+            "time_h": pa.array(ev["time_h"]),
+            "value": pa.array(ev["value"]),
         }
     )
     manifest = {

@@ -169,6 +169,43 @@ def test_extracted_directory_and_tarball_give_identical_tables(tmp_path, parsed)
     assert manifest["source_hashes"] == parsed[2]["source_hashes"]
 
 
+@pytest.fixture
+def one_record_chunks(monkeypatch):
+    """Parse every record on its own; returns the number of records of each parse call."""
+    from fusemoe.data import physionet2012
+
+    calls, parse = [], physionet2012._parse_set
+
+    def spy(label, files, cleaning):
+        calls.append(len(files))
+        return parse(label, files, cleaning)
+
+    monkeypatch.setattr(physionet2012, "PARSE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(physionet2012, "_parse_set", spy)
+    return calls
+
+
+def test_a_set_is_parsed_in_bounded_chunks_with_the_same_tables_as_one_pass(
+    tmp_path, parsed, one_record_chunks
+):
+    raw = make_raw(
+        tmp_path / "raw", good_records(), deaths={100: 1, 105: 1, 106: 1}, los={103: -1, 104: 3}
+    )
+    stays, events, manifest = read_physionet2012(raw, sets=("a",), verify=False)
+    assert one_record_chunks == [1] * len(good_records())  # memory follows a chunk, not the set
+    assert stays.equals(parsed[0])
+    assert events.equals(parsed[1])
+    assert manifest == parsed[2]
+
+
+def test_bad_record_in_a_later_chunk_is_rejected_with_its_own_file_and_line(
+    tmp_path, one_record_chunks
+):
+    msg = _bad(tmp_path, record(108, "00:30,HR,70\n00:40,Pulse,71\n"), rid=108)
+    assert msg.endswith("108.txt, record 108, line 9, column 'Parameter': unknown variable 'Pulse'")
+    assert one_record_chunks == [1] * 9  # found in the 9th chunk: lines count from its own file
+
+
 def test_content_digest_follows_the_readme_recipe():
     files = [("b.txt", b"2\n"), ("a.txt", b"1\n")]
     text = "".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in sorted(files))
