@@ -59,6 +59,8 @@ PHASES = (
 )
 
 
+# The current tree with train.bucket_by_length off: what everything but the bucketing buys.
+UNBUCKETED = ("current_unbucketed",)
 EPOCH_KEYS = ("epoch_cpu_s", "epoch_s", "train_cpu_s", "train_s", "forward_cpu_s")
 
 
@@ -150,7 +152,9 @@ def _hook(module, clock: _Clock, name: str | None, val_name: str | None = None) 
     module.register_forward_hook(post)
 
 
-def measure(epochs: int, threads: int, data_dir: str, max_train_stays: int) -> dict:
+def measure(
+    epochs: int, threads: int, data_dir: str, max_train_stays: int, train_set: dict
+) -> dict:
     """Trains the default config in this process (whatever tree PYTHONPATH points at)."""
     import torch
 
@@ -165,7 +169,12 @@ def measure(epochs: int, threads: int, data_dir: str, max_train_stays: int) -> d
         load_params(tree / "params.yaml", ("model", "train", "deepspeed")),
         tree / "best_params.yaml",
     )
-    params["train"] = {**params["train"], "epochs": epochs, "max_train_stays": max_train_stays}
+    params["train"] = {
+        **params["train"],
+        **train_set,
+        "epochs": epochs,
+        "max_train_stays": max_train_stays,
+    }
     cfg = {"data_dir": data_dir, **{k: params[k] for k in ("model", "train", "deepspeed")}}
 
     clock = _Clock()
@@ -229,7 +238,7 @@ def baseline_tree(ref: str) -> Path:
     return dest / "tree"
 
 
-def run_one(tree: Path, args: argparse.Namespace) -> dict:
+def run_one(tree: Path, args: argparse.Namespace, train_set: dict) -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": str(tree),
@@ -250,6 +259,8 @@ def run_one(tree: Path, args: argparse.Namespace) -> dict:
             args.data,
             "--max-train-stays",
             str(args.max_train_stays),
+            "--train-set",
+            json.dumps(train_set),
         ]
         subprocess.run(cmd, env=env, check=True, cwd=tempfile.gettempdir())
         return json.loads(Path(out.name).read_text())
@@ -258,7 +269,7 @@ def run_one(tree: Path, args: argparse.Namespace) -> dict:
 def summarise(runs: list[dict]) -> dict:
     """Medians over every measured epoch after each process's first (warm-up) epoch."""
     out = {}
-    for code in ("baseline", "current"):
+    for code in ("baseline", "current", *UNBUCKETED):
         eps = [e for r in runs if r["code"] == code for e in r["epochs"][1:] or r["epochs"]]
         if not eps:
             continue
@@ -274,6 +285,9 @@ def summarise(runs: list[dict]) -> dict:
     if "baseline" in out and "current" in out:
         b, c = out["baseline"], out["current"]
         out["speedup"] = {k: b[k] / c[k] for k in EPOCH_KEYS}
+        if UNBUCKETED[0] in out:
+            u = out[UNBUCKETED[0]]
+            out["speedup_without_bucketing"] = {k: b[k] / u[k] for k in EPOCH_KEYS}
         out["speedup"]["validation_cpu_s"] = b["phases_cpu_s"]["validation"] / max(
             c["phases_cpu_s"]["validation"], 1e-9
         )
@@ -291,11 +305,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--max-train-stays", type=int, default=0, help="0 = the whole train split")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument(
+        "--also-unbucketed",
+        action="store_true",
+        help="also measure the current tree with train.bucket_by_length false",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--train-set", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
-        res = measure(args.epochs, args.threads, args.data, args.max_train_stays)
+        res = measure(
+            args.epochs, args.threads, args.data, args.max_train_stays, json.loads(args.train_set)
+        )
         Path(args.worker).write_text(json.dumps(res))
         return 0
 
@@ -311,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.code in ("both", "current"):
         trees["current"] = ROOT
+        if args.also_unbucketed:
+            trees[UNBUCKETED[0]] = ROOT
     head = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -349,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.reps):
         for code in order if rep % 2 == 0 else order[::-1]:
             t = time.perf_counter()
-            res = run_one(trees[code], args)
+            train_set = {"bucket_by_length": False} if code in UNBUCKETED else {}
+            res = run_one(trees[code], args, train_set)
             res.update(code=code, rep=rep, wall_s=time.perf_counter() - t)
             result["runs"].append(res)
             result["summary"] = summarise(result["runs"])
