@@ -239,6 +239,23 @@ class FlexiModalDataset(Dataset):
                 "times": torch.from_numpy(times),
             }
             batch["present"][name] = torch.from_numpy(n_rows > 0)
+        # Embedding modalities (FlexiModal 1.1, where the dataset has them): vectors padded like
+        # collate's, a row mask, present where a stay has a vector.
+        for name, e in getattr(self, "embeddings", {}).items():
+            e0, n_vec = e.offsets[idx], e.offsets[idx + 1] - e.offsets[idx]
+            length = max(1, int(n_vec.max(initial=0)))
+            values = np.zeros((b, length, e.vectors.shape[1]), np.float32)
+            times = np.zeros((b, length), np.float32)
+            mask = np.zeros((b, length), np.float32)
+            rows, row_of = _ranges(e0, n_vec)
+            at = (row_of, rows - np.repeat(e0, n_vec))
+            values[at], times[at], mask[at] = e.vectors[rows], e.times[rows], 1.0
+            batch.setdefault("embeddings", {})[name] = {
+                "values": torch.from_numpy(values),
+                "times": torch.from_numpy(times),
+                "mask": torch.from_numpy(mask),
+            }
+            batch["present"][name] = batch["embeddings"][name]["mask"].sum(1) > 0
         if self.static_name is not None:
             mask = torch.from_numpy(self.static_mask[idx])
             batch["static"] = {"values": torch.from_numpy(self.static_values[idx]), "mask": mask}
