@@ -24,13 +24,15 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from fusemoe.data.dataset import (
+    Batches,
     DataSpec,
     FlexiModalDataset,
     ShardBatches,
+    as_batch,
     batch_to,
-    collate,
     dataset_spec,
     drop_modalities,
+    length_batches,
 )
 from fusemoe.data.flexi import load_manifest
 from fusemoe.inference import predict
@@ -151,10 +153,20 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         bs,
         num_batches=ShardBatches.per_rank(train_ds.split_size, world, bs),
         seed=int(tcfg["seed"]),
+        lengths=train_ds.num_rows() if tcfg.get("bucket_by_length", True) else None,
     )
-    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
-    # Every rank scores the whole validation set so expert-parallel all-to-alls stay in step.
-    val_loader = DataLoader(val_ds, batch_size=bs * 2, shuffle=False, collate_fn=collate)
+    # Batches are gathered whole from the dataset's flat arrays (no per-stay arrays, no collate).
+    train_loader = DataLoader(
+        Batches(train_ds), sampler=sampler, batch_size=None, collate_fn=as_batch
+    )
+    # Every rank scores the whole validation set so expert-parallel all-to-alls stay in step;
+    # in order of length, which only cuts padding (a prediction does not depend on its batch).
+    val_loader = DataLoader(
+        Batches(val_ds),
+        sampler=length_batches(val_ds.num_rows(), bs * 2),
+        batch_size=None,
+        collate_fn=as_batch,
+    )
 
     model = build_model(cfg["model"], spec)
     ep_size = int(dcfg.get("ep_size", 1))
@@ -178,6 +190,10 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         config=ds_config,
         lr_scheduler=scheduler,
     )
+    if world == 1 and int(dcfg.get("zero_stage", 0)) == 0:
+        # One rank has nothing to reduce, but DeepSpeed would still flatten every gradient into
+        # buckets, all-reduce them over the one-rank group and copy them back, each step.
+        engine.enable_backward_allreduce = False
 
     start_epoch, history = 0, []
     if restore_dir is not None:

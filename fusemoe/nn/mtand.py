@@ -100,17 +100,21 @@ class MTANDEncoder(nn.Module):
         dtype = self.proj.weight.dtype  # fp32 batches feed a bf16 model too
         values, mask = values.to(dtype), mask.to(dtype)
         ref = self.time_embed(self.ref_times)  # [T, d]
-        q = self.query(ref).view(-1, h, dk).transpose(0, 1)  # [h, T, dk]
+        # The 1/sqrt(dk) scale on the [h, T, dk] queries, not on the [B, h, T, L] scores.
+        q = self.query(ref).view(-1, h, dk).transpose(0, 1) / math.sqrt(dk)  # [h, T, dk]
         k = self.key(self.time_embed(times)).view(b, -1, h, dk).transpose(1, 2)  # [B, h, L, dk]
-        scores = torch.einsum("htc,bhlc->bhtl", q, k) / math.sqrt(dk)  # [B, h, T, L]
+        scores = torch.einsum("htc,bhlc->bhtl", q, k)  # [B, h, T, L]
 
         # Attention over the sample's observation times (rows where any variable was observed).
         row = (mask.sum(-1) > 0)[:, None, None, :]  # [B, 1, 1, L]
         attn = _masked_softmax(scores, row, dim=3)  # [B, h, T, L]
         # Per-variable softmax = the row softmax restricted to v's rows and renormalised, so it is
         # computed without materialising [B, h, T, L, V]: numerator and normaliser per variable.
-        density = torch.einsum("bhtl,blv->bhtv", attn, mask)  # the normaliser; also a feature
-        numerator = torch.einsum("bhtl,blv->bhtv", attn, values * mask)
+        # One product for both: [mask | values * mask] -> [density | numerator].
+        observed = values * mask
+        density, numerator = torch.einsum(
+            "bhtl,blv->bhtv", attn, torch.cat([mask, observed], dim=-1)
+        ).chunk(2, dim=-1)  # density is the normaliser; also a feature
         ok = density >= EXACT_MASS
         value = numerator / torch.where(ok, density, torch.ones_like(density))
         # Entries of observed variables with (nearly) no mass: a softmax over v's own rows.
@@ -119,7 +123,7 @@ class MTANDEncoder(nn.Module):
             bi, hi, ti, vi = redo.nonzero(as_tuple=True)
             keep = mask[bi, :, vi] > 0  # [n, L]
             own = _masked_softmax(scores[bi, hi, ti], keep, dim=1)
-            exact = (own * (values * mask)[bi, :, vi]).sum(1)
+            exact = (own * observed[bi, :, vi]).sum(1)
             value = value.index_put((bi, hi, ti, vi), exact)
         return value, density
 

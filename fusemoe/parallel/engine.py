@@ -32,6 +32,10 @@ def deepspeed_config(
     ep_size = int(ds_params.get("ep_size", 1))
     if ep_size < 1:
         raise ValueError(f"deepspeed.ep_size={ep_size} must be >= 1")
+    torch_adam = bool(ds_params.get("torch_adam", True))
+    # torch's AdamW defaults to its per-parameter loop on CPU; the multi-tensor one is the same
+    # update with fewer ops per step (DeepSpeed passes `foreach` on only to torch's AdamW).
+    adam_kwargs = {"torch_adam": True, "foreach": True} if torch_adam else {"torch_adam": False}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": int(micro_batch_size),
         "gradient_accumulation_steps": int(ds_params.get("gradient_accumulation_steps", 1)),
@@ -41,7 +45,7 @@ def deepspeed_config(
             "params": {
                 "lr": float(lr),
                 "weight_decay": float(weight_decay),
-                "torch_adam": bool(ds_params.get("torch_adam", True)),
+                **adam_kwargs,
             },
         },
         "zero_optimization": {

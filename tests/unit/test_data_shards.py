@@ -83,3 +83,46 @@ def test_the_same_epoch_gives_the_same_batches_and_another_epoch_others():
     assert list(a) == list(b)
     b.set_epoch(3)
     assert list(a) != list(b)
+
+
+def padded_size(batches: list[list[int]], lengths: np.ndarray) -> int:
+    return sum(len(b) * int(lengths[b].max()) for b in batches)
+
+
+@pytest.mark.parametrize(("split_size", "world"), [(300, 1), (301, 2), (50, 3)])
+def test_length_bucketed_batches_cover_each_shard_once_and_pad_less(split_size, world):
+    lengths = np.random.default_rng(0).integers(1, 200, split_size)
+    bs = 8
+    num_batches = ShardBatches.per_rank(split_size, world, bs)
+    for epoch in range(2):
+        seen, padded, random_padded = [], 0, 0
+        for rank in range(world):
+            shard = np.arange(split_size)[rank::world]
+            ours = ShardBatches(len(shard), bs, num_batches, seed=3, lengths=lengths[shard])
+            plain = ShardBatches(len(shard), bs, num_batches, seed=3)
+            ours.set_epoch(epoch), plain.set_epoch(epoch)
+            batches = list(ours)
+            assert len(batches) == num_batches and max(len(b) for b in batches) <= bs
+            seen += [int(shard[i]) for b in batches for i in b]
+            padded += padded_size(batches, lengths[shard])
+            random_padded += padded_size(list(plain), lengths[shard])
+        assert sorted(seen) == list(range(split_size))
+        assert padded < 0.8 * random_padded
+
+
+def test_length_bucketed_batches_are_seeded_by_epoch_and_mix_lengths_across_the_epoch():
+    lengths = np.random.default_rng(1).integers(1, 100, 2000)
+    a = ShardBatches(2000, 16, 125, seed=1, lengths=lengths)
+    b = ShardBatches(2000, 16, 125, seed=1, lengths=lengths)
+    a.set_epoch(2), b.set_epoch(2)
+    assert list(a) == list(b)
+    b.set_epoch(3)
+    assert list(a) != list(b)
+    # Batches come in random order, not shortest first.
+    longest = [int(lengths[batch].max()) for batch in a]
+    assert longest != sorted(longest)
+
+
+def test_lengths_must_match_the_shard():
+    with pytest.raises(ValueError, match="3 lengths for a shard of 4 stays"):
+        ShardBatches(4, 2, 2, seed=0, lengths=np.ones(3))

@@ -5,7 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
-from fusemoe.data.dataset import FlexiModalDataset, batch_to, collate, dataset_spec
+from fusemoe.data.dataset import (
+    FlexiModalDataset,
+    batch_to,
+    collate,
+    dataset_spec,
+    length_batches,
+)
 from fusemoe.data.flexi import write_flexi
 from fusemoe.data.synthetic import write_synthetic
 
@@ -220,3 +226,31 @@ def test_modality_dropout_only_clears_present_flags_and_is_seeded(syn):
     total = sum(int(f.sum()) for f in batch["present"].values())
     assert 0.3 * total < kept < 0.7 * total
     assert a["series"] is batch["series"] and a["labels"] is batch["labels"]
+
+
+def assert_batches_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a["stay_id"] == b["stay_id"]
+    for key in a.keys() - {"stay_id"}:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("indices", [[0, 1, 2], [2, 0], [1], [1, 1, 0]])
+def test_batch_gathers_exactly_the_collate_of_the_samples(tiny, indices):
+    ds = FlexiModalDataset(tiny, "train")  # stay 'b' has no labs: one empty modality
+    assert_batches_equal(ds.batch(indices), collate([ds[i] for i in indices]))
+
+
+def test_batch_of_a_synthetic_split_matches_collate_in_any_order(syn):
+    ds = FlexiModalDataset(syn, "train")
+    indices = np.random.default_rng(0).permutation(len(ds))[:37].tolist()
+    assert_batches_equal(ds.batch(indices), collate([ds[i] for i in indices]))
+
+
+def test_num_rows_counts_each_stays_time_rows_over_all_series(tiny):
+    ds = FlexiModalDataset(tiny, "train")  # a: 2 vitals rows + 1 labs row, b: 1, c: 1 + 1
+    assert ds.num_rows().tolist() == [3, 1, 2]
+
+
+def test_length_batches_group_stays_by_length_and_cover_each_once():
+    batches = length_batches(np.array([5, 1, 4, 1, 3]), 2)
+    assert batches == [[1, 3], [4, 2], [0]]

@@ -25,6 +25,11 @@ def test_deepspeed_reads_back_stage_precision_clipping_and_adamw(stage, precisio
     assert ds.optimizer_params["torch_adam"] is True  # no JIT-built fused op on CPU
 
 
+def test_torch_adamw_is_the_multi_tensor_one_and_fused_adam_gets_no_foreach():
+    assert parsed({}).optimizer_params["foreach"] is True  # torch's CPU default is the loop
+    assert "foreach" not in parsed({"torch_adam": False}).optimizer_params
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_settings_satisfy_deepspeed_moe(stage):
     """ZeRO-2 with MoE layers asserts contiguous gradients and reduce-scatter at engine start."""
