@@ -153,7 +153,7 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         bs,
         num_batches=ShardBatches.per_rank(train_ds.split_size, world, bs),
         seed=int(tcfg["seed"]),
-        lengths=train_ds.num_rows() if tcfg.get("bucket_by_length", True) else None,
+        lengths=train_ds.num_rows() if tcfg.get("bucket_by_length", False) else None,
     )
     # Batches are gathered whole from the dataset's flat arrays (no per-stay arrays, no collate).
     train_loader = DataLoader(

@@ -197,7 +197,7 @@ class TrainConfig(Section):
     seed: int = 0
     max_train_stays: Count = 0  # 0 = all
     modality_dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.0
-    bucket_by_length: bool = True  # batches of similar length (less padding); false = random
+    bucket_by_length: bool = False  # batches of similar length (less padding, other metrics)
     use_best_params: bool = False  # lay the tune stage's best_params.yaml over model/train
     run_name: str = "fusemoe"
     checkpoint_dir: str = "runs/train"

@@ -34,7 +34,7 @@ model = dict(d_model=16, n_heads=2, n_layers=1, num_ref_points=4, num_experts=4,
              expert_hidden=16, gate="laplace", router="per_modality", dropout=0.1)
 cfg = {"data_dir": str(out / "data"), "model": model,
        "train": {"tasks": ["ihm"], "epochs": 2, "batch_size": 16, "lr": 0.01,
-                 "weight_decay": 0.0, "seed": 0},
+                 "weight_decay": 0.0, "seed": 0, "bucket_by_length": True},
        "deepspeed": {"zero_stage": 0, "precision": "fp32", "grad_clip": 1.0}}
 runs = []
 for _ in range(2):
