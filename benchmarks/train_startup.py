@@ -27,6 +27,13 @@ T_START = time.time()  # the child's process start, as near as Python gets
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "train_startup_cpu.json"
+NOTE = (
+    "Seconds per phase, median of the runs; runs alternate between variants. Wall times include "
+    "whatever else the machine runs (see load_avg_1m_before); cpu_s_process_tree (the stage "
+    "process and every process under it, Ray's included, sampled every 0.25 s) is the steadier "
+    "figure. current_bytecode: this tree with site-packages and the stdlib compiled to bytecode "
+    "(PYTHONPYCACHEPREFIX), which is what `make install` now leaves in .venv."
+)
 TINY_MODEL = dict(
     d_model=16, n_heads=2, n_layers=1, num_ref_points=4, num_experts=4, top_k=2, expert_hidden=32
 )
@@ -285,6 +292,7 @@ def main() -> None:
             "baseline": {"ref": args.baseline_ref, "sha": sha, "runs": []},
             "current": {"sha": head, "dirty": bool(_dirty()), "runs": []},
             "cpus": os.cpu_count(),
+            "note": NOTE,
         }
         variants = [("baseline", base, {}), ("current", REPO, {})]
         if args.pycache_prefix:
