@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipelines.common import load_params, tracking_uri
+from pipelines.common import load_params, skip_final_gc, tracking_uri
 
 
 def _client(params: dict):
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("rollback", help="make the previous champion the champion again")
     p.set_defaults(fn=cmd_rollback)
     args = parser.parse_args(argv)
+    if argv is None:  # the console script: a process of its own
+        skip_final_gc()
     args.fn(args, load_params(args.params, ("data", "mlflow", "registry")))
 
 
