@@ -108,6 +108,8 @@ def cmd_rollback(args, params: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:  # the console script: a process of its own
+        skip_final_gc()
     parser = argparse.ArgumentParser(prog="fusemoe", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,8 +125,6 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("rollback", help="make the previous champion the champion again")
     p.set_defaults(fn=cmd_rollback)
     args = parser.parse_args(argv)
-    if argv is None:  # the console script: a process of its own
-        skip_final_gc()
     args.fn(args, load_params(args.params, ("data", "mlflow", "registry")))
 
 
