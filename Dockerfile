@@ -14,7 +14,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     DS_BUILD_OPS=0 \
     DVC_NO_ANALYTICS=1 \
-    RAY_USAGE_STATS_ENABLED=0
+    RAY_USAGE_STATS_ENABLED=0 \
+    UV_COMPILE_BYTECODE=1
 
 # git: DVC and the run lineage (git sha); g++: DeepSpeed's JIT-built CPU comm op;
 # wget: KubeRay's default liveness/readiness probes.

@@ -20,11 +20,13 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv==0.13.9
-	$(BIN)/uv pip install -q --python $(BIN)/python $(TORCH_SOURCE) -r requirements.lock
+	@# --compile-bytecode: uv writes no .pyc by default, so with PYTHONDONTWRITEBYTECODE set (or a
+	@# read-only venv) every stage, test and Ray worker process compiled torch, Ray and MLflow anew.
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode $(TORCH_SOURCE) -r requirements.lock
 	@# Prebuild DeepSpeed's CPU shared-memory comm op once, instead of a JIT build in every process.
 	$(BIN)/python -c "from deepspeed.git_version_info import installed_ops as o; assert o.get('deepspeed_shm_comm')" 2>/dev/null || \
 	  DS_BUILD_SHM_COMM=1 $(BIN)/uv pip install -q --python $(BIN)/python --no-build-isolation --no-deps \
-	    --no-cache --reinstall-package deepspeed "$$(grep '^deepspeed==' requirements.lock)"
+	    --no-cache --compile-bytecode --reinstall-package deepspeed "$$(grep '^deepspeed==' requirements.lock)"
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipelines.common import load_params, tracking_uri
+from pipelines.common import load_params, skip_final_gc, tracking_uri
 
 
 def _client(params: dict):
@@ -168,6 +168,8 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:  # the console script: a process of its own
+        skip_final_gc()
     parser = argparse.ArgumentParser(prog="fusemoe", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     sub = parser.add_subparsers(dest="command", required=True)

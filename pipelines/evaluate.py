@@ -35,6 +35,7 @@ from pipelines.common import (
     load_params,
     read_run,
     replace_dir,
+    skip_final_gc,
     stage_args,
     tracking_uri,
     write_json_atomic,
@@ -206,6 +207,7 @@ def _thin(x: np.ndarray, y: np.ndarray, n: int = 200):
 
 def main() -> None:
     args = stage_args(__doc__.splitlines()[0])
+    skip_final_gc()
     params = load_params(args.params, ("data", "train", "mlflow"))
     run = read_run()
     model, spec = load_model(TRAIN_DIR)

@@ -24,6 +24,7 @@ from pipelines.common import (
     data_hash,
     load_params,
     read_run,
+    skip_final_gc,
     stage_args,
     tracking_uri,
     write_json_atomic,
@@ -274,6 +275,7 @@ def register_run(
 
 def main() -> None:
     args = stage_args(__doc__.splitlines()[0])
+    skip_final_gc()
     params = load_params(args.params, ("data", "mlflow", "registry"))
     import mlflow
     from mlflow.exceptions import MlflowException

@@ -25,6 +25,7 @@ from pipelines.common import (
     git_sha,
     load_params,
     replace_dir,
+    skip_final_gc,
     stage_args,
     tracking_uri,
     write_json_atomic,
@@ -74,6 +75,7 @@ def mlflow_run_for(params: dict, run_name: str, data_dir: Path, dhash: str, ray_
 
 def main() -> None:
     args = stage_args(__doc__.splitlines()[0])
+    skip_final_gc()
     params = apply_best_params(load_params(args.params, SECTIONS))
     from fusemoe.parallel.engine import deepspeed_config
     from ray_jobs import storage

@@ -22,6 +22,7 @@ from pipelines.common import (
     flatten,
     git_sha,
     load_params,
+    skip_final_gc,
     stage_args,
     tracking_uri,
     write_json_atomic,
@@ -180,6 +181,7 @@ def run_stage(
 
 def main() -> None:
     args = stage_args(__doc__.splitlines()[0])
+    skip_final_gc()
     params = load_params(args.params, SECTIONS)
     from ray_jobs.tune import SearchInterrupted
 
