@@ -63,6 +63,29 @@ _US_PER_H = 3.6e9
 _NO_TIME = np.iinfo(np.int64).min  # sorts first: a timestamped static value wins over a null one
 
 
+# The MEDS data and label schemas as written by MEDS ETLs (meds.schema); the reader also accepts
+# the lossless variants it checks for, this is what the synthetic writer and the tests produce.
+DATA_SCHEMA = pa.schema(
+    [
+        ("subject_id", pa.int64()),
+        ("time", pa.timestamp("us")),
+        ("code", pa.string()),
+        ("numeric_value", pa.float32()),
+        ("text_value", pa.string()),
+    ]
+)
+LABEL_SCHEMA = pa.schema(
+    [
+        ("subject_id", pa.int64()),
+        ("prediction_time", pa.timestamp("us")),
+        ("boolean_value", pa.bool_()),
+        ("integer_value", pa.int64()),
+        ("float_value", pa.float64()),
+        ("categorical_value", pa.string()),
+    ]
+)
+
+
 def _is_timestamp(t: pa.DataType) -> bool:
     return pa.types.is_timestamp(t)
 
@@ -759,15 +782,7 @@ def write_synthetic_meds(
         }
     )
     table = table.sort_values(["subject_id", "time"], kind="stable", na_position="first")
-    schema = pa.schema(
-        [
-            ("subject_id", pa.int64()),
-            ("time", pa.timestamp("us")),
-            ("code", pa.string()),
-            ("numeric_value", pa.float32()),
-            ("text_value", pa.string()),
-        ]
-    )
+    schema = DATA_SCHEMA
     bounds = np.linspace(0, n, num_shards + 1).astype(int)
     for k in range(num_shards):
         part = table[table["subject_id"].between(sid[bounds[k]], sid[bounds[k + 1] - 1])]
@@ -810,16 +825,7 @@ def write_synthetic_meds(
             "boolean_value": y.reshape(-1),
             "categorical_value": np.tile([f"PHENO//{k:02d}" for k in range(num_labels)], len(pt)),
         }
-    label_schema = pa.schema(
-        [
-            ("subject_id", pa.int64()),
-            ("prediction_time", pa.timestamp("us")),
-            ("boolean_value", pa.bool_()),
-            ("integer_value", pa.int64()),
-            ("float_value", pa.float64()),
-            ("categorical_value", pa.string()),
-        ]
-    )
+    label_schema = LABEL_SCHEMA
     cols = {
         f.name: pa.array(lab[f.name], f.type)
         if f.name in lab

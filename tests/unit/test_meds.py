@@ -19,6 +19,8 @@ import yaml
 
 from fusemoe.data.flexi import FlexiModalError
 from fusemoe.data.meds import (
+    DATA_SCHEMA,
+    LABEL_SCHEMA,
     PREDICTION_SCHEMA,
     meds_predictions,
     read_meds,
@@ -30,25 +32,6 @@ from pipelines.prepare import prepare
 
 REPO = Path(__file__).parents[2]
 T0 = datetime(2020, 1, 1)
-DATA_SCHEMA = pa.schema(
-    [
-        ("subject_id", pa.int64()),
-        ("time", pa.timestamp("us")),
-        ("code", pa.string()),
-        ("numeric_value", pa.float32()),
-        ("text_value", pa.string()),
-    ]
-)
-LABEL_SCHEMA = pa.schema(
-    [
-        ("subject_id", pa.int64()),
-        ("prediction_time", pa.timestamp("us")),
-        ("boolean_value", pa.bool_()),
-        ("integer_value", pa.int64()),
-        ("float_value", pa.float64()),
-        ("categorical_value", pa.string()),
-    ]
-)
 SPLITS = {1: "train", 2: "train", 3: "tuning", 4: "tuning", 5: "held_out", 6: "held_out"}
 
 
