@@ -209,6 +209,17 @@ def _check_no_nulls(table: pa.Table, file: str, columns: list[str]) -> None:
             raise FlexiModalError(file, "missing (null) value", row=_first(mask), column=name)
 
 
+def _check_times(table: pa.Table, file) -> np.ndarray:
+    """A table's `time_h` as numpy: finite and not negative (hours since the stay began)."""
+    time = _np(table.column("time_h"))
+    _check_finite(time, file, "time_h", "time")
+    neg = time < 0
+    if neg.any():
+        i = _first(neg)
+        raise FlexiModalError(file, f"negative time {time[i]} h", row=i, column="time_h")
+    return time
+
+
 def _check_finite(values: np.ndarray, file: str, column: str, what: str = "value") -> None:
     bad = ~np.isfinite(values)
     if bad.any():
@@ -414,12 +425,7 @@ def validate_embedding(
         )
     _check_columns(table, schema, file)
     _check_no_nulls(table, file, schema.names)
-    time = _np(table.column("time_h"))
-    _check_finite(time, file, "time_h", "time")
-    neg = time < 0
-    if neg.any():
-        i = _first(neg)
-        raise FlexiModalError(file, f"negative time {time[i]} h", row=i, column="time_h")
+    time = _check_times(table, file)
     start = 0
     for chunk in table.column("vector").chunks:  # chunk by chunk: no copy of all the vectors
         vectors = vector_array(chunk, width)
@@ -563,12 +569,7 @@ def validate_events(
     with observations elsewhere (embedding vectors), which need no event or static value."""
     _check_columns(events, EVENTS_SCHEMA, file)
     _check_no_nulls(events, file, EVENTS_SCHEMA.names)
-    time = _np(events.column("time_h"))
-    _check_finite(time, file, "time_h", "time")
-    neg = time < 0
-    if neg.any():
-        i = _first(neg)
-        raise FlexiModalError(file, f"negative time {time[i]} h", row=i, column="time_h")
+    time = _check_times(events, file)
     _check_finite(_np(events.column("value")), file, "value")
 
     series = series_modalities(manifest)
