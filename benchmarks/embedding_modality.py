@@ -13,7 +13,7 @@ Cost: `prepare` (data.source: flexi, i.e. read + validate + statistics + write) 
 directory with a 10^5-row embedding modality of width 768, in a subprocess: wall and CPU time and
 peak RSS (and the RSS of the interpreter with its imports before prepare starts).
 
-Run (from the repo root; about 20 min on a busy 2-core machine):
+Run (from the repo root; about 8 min on a busy 2-core machine):
     nice -n 10 .venv/bin/python benchmarks/embedding_modality.py
 Results: benchmarks/results/embedding_modality.json, rewritten after every finished run.
 """
