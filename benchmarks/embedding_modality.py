@@ -4,15 +4,16 @@ does preparing a large one cost?
 Study: the synthetic set with its 32-d `note` embedding modality (`synthesize(note_width=32)`: the
 ihm label needs the note's latent). Per seed (data, split and model seeds alike), FuseMoE and the
 dense baseline (`model.moe: false`) train on the data with the note and on the same stays without
-it (the note modality removed from the manifest); the epoch is chosen on validation AUROC, test is
-scored once. The models trained with the note are also scored with the note removed (MCAR) for
+it (the note modality removed from the manifest). Every model trains through the shipped loop
+(`fusemoe.loop.train`, the train stage's, via benchmarks/shipped_loop.py) for a fixed number of
+epochs; the epoch is chosen on validation AUROC, test is scored once. The models trained with the note are also scored with the note removed (MCAR) for
 0/20/40/60/80% of the test stays. Reported: test AUROC mean ± sd over the seeds.
 
 Cost: `prepare` (data.source: flexi, i.e. read + validate + statistics + write) of a FlexiModal
 directory with a 10^5-row embedding modality of width 768, in a subprocess: wall and CPU time and
 peak RSS (and the RSS of the interpreter with its imports before prepare starts).
 
-Run (from the repo root; about 20 min on a busy 2-core machine):
+Run (from the repo root; about 8 min on a busy 2-core machine):
     nice -n 10 .venv/bin/python benchmarks/embedding_modality.py
 Results: benchmarks/results/embedding_modality.json, rewritten after every finished run.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import subprocess
@@ -39,14 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fusemoe.data.dataset import FlexiModalDataset, collate, dataset_spec  # noqa: E402
-from fusemoe.data.flexi import load_manifest, write_flexi  # noqa: E402
+from benchmarks.shipped_loop import LOOP, train_keeping_best  # noqa: E402
+from fusemoe.data.dataset import FlexiModalDataset, collate  # noqa: E402
+from fusemoe.data.flexi import write_flexi  # noqa: E402
 from fusemoe.data.synthetic import NOTE, synthesize  # noqa: E402
 from fusemoe.inference import predict  # noqa: E402
-from fusemoe.loop import select_tasks, set_seed  # noqa: E402
 from fusemoe.metrics import binary_metrics  # noqa: E402
-from fusemoe.model_io import build_model  # noqa: E402
-from fusemoe.nn.losses import task_loss  # noqa: E402
 from pipelines.common import write_json_atomic  # noqa: E402
 
 TASK = "ihm"
@@ -65,7 +63,18 @@ MODEL = dict(
     router="per_modality",
     dropout=0.1,
 )
-TRAIN = dict(epochs=12, batch_size=64, lr=3e-3, weight_decay=1e-4, patience=4)
+PRIMARY = f"val_auroc_{TASK}"
+# The shipped loop's `train`/`deepspeed` sections; fixed epochs, the best on validation is kept.
+TRAIN = dict(
+    tasks=[TASK],
+    primary_metric=PRIMARY,
+    epochs=12,
+    batch_size=64,
+    lr=3e-3,
+    lr_schedule="constant",
+    weight_decay=1e-4,
+)
+DEEPSPEED = dict(zero_stage=0, precision="fp32", grad_clip=1.0, ep_size=1)
 
 
 def note_dropped(fraction: float, seed: int):
@@ -92,55 +101,32 @@ def write_data(root: Path, num_stays: int, seed: int, width: int) -> dict[str, P
 
 
 def train_and_score(data_dir: Path, model_params: dict, seed: int, sweep: bool) -> dict:
-    """Lean single-process training on the shipped pieces (as benchmarks/p12_quality.py); the
-    epoch with the best validation AUROC is kept and scored on test."""
-    set_seed(seed)
-    spec = select_tasks(dataset_spec(load_manifest(data_dir)), [TASK])
-    ds = {s: FlexiModalDataset(data_dir, s, tasks=[TASK]) for s in ("train", "val", "test")}
-    bs = TRAIN["batch_size"]
-    gen = torch.Generator().manual_seed(seed)
-    train_loader = torch.utils.data.DataLoader(
-        ds["train"], batch_size=bs, shuffle=True, collate_fn=collate, generator=gen
+    """Trains through the shipped loop (`fusemoe.loop.train`, see benchmarks/shipped_loop.py);
+    the epoch with the best validation AUROC is kept and scored on test."""
+    t0 = time.perf_counter()
+    sections = {"model": model_params, "train": TRAIN, "deepspeed": DEEPSPEED}
+    trained = train_keeping_best(data_dir, sections, seed, log=lambda *_: None)
+    loader = torch.utils.data.DataLoader(
+        FlexiModalDataset(data_dir, "test", tasks=[TASK]),
+        batch_size=4 * TRAIN["batch_size"],
+        collate_fn=collate,
     )
-    loaders = {
-        s: torch.utils.data.DataLoader(ds[s], batch_size=4 * bs, collate_fn=collate)
-        for s in ("val", "test")
-    }
-    model = build_model(model_params, spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
 
-    def auroc(split: str, transform=None) -> float:
-        pred = predict(model, loaders[split], torch.device("cpu"), transform)
+    def auroc(transform=None) -> float:
+        pred = predict(trained.model, loader, torch.device("cpu"), transform)
         logits = pred["logits"][TASK].reshape(-1)
         return binary_metrics(pred["labels"][TASK].reshape(-1), 1 / (1 + np.exp(-logits)))["auroc"]
 
-    best, best_state, best_epoch, history, t0 = -math.inf, None, 0, [], time.perf_counter()
-    for epoch in range(TRAIN["epochs"]):
-        model.train()
-        for batch in train_loader:
-            out = model(batch)
-            loss = task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-        val = auroc("val")
-        history.append(round(val, 4))
-        if val > best:
-            best, best_state, best_epoch = val, copy.deepcopy(model.state_dict()), epoch + 1
-        elif epoch + 1 - best_epoch >= TRAIN["patience"]:
-            break
-    model.load_state_dict(best_state)
     result = {
-        "epoch": best_epoch,
-        "val_auroc": best,
-        "test_auroc": auroc("test"),
-        "val_history": history,
+        "epoch": trained.best["epoch"],
+        "val_auroc": trained.best[PRIMARY],
+        "test_auroc": auroc(),
+        "val_history": [round(h[PRIMARY], 4) for h in trained.history],
         "train_s": round(time.perf_counter() - t0, 1),
     }
     if sweep:
         result["test_auroc_note_missing"] = {
-            f"{f:.0%}": auroc("test", note_dropped(f, seed)) for f in NOTE_MISSING
+            f"{f:.0%}": auroc(note_dropped(f, seed)) for f in NOTE_MISSING
         }
     return result
 
@@ -297,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             "note_width": args.width,
             "model": MODEL,
             "train": TRAIN,
+            "deepspeed": DEEPSPEED,
+            "training_loop": LOOP,
             "note_missing": list(NOTE_MISSING),
         },
         "runs": [],

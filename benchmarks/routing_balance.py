@@ -6,7 +6,9 @@ the tokens the shared expert set receives, pooled over the routers. The same sma
 ``model``, per_modality routers) is trained on the same P12 subset with each target, and the
 routing of the validation stays is summarised: per-modality and pooled expert usage (and their
 effective number of experts, exp(entropy)), both balance values relative to uniform (1 = uniform),
-the entropy term against its floor -log M, and validation AUROC.
+the entropy term against its floor -log M, and validation AUROC. Training goes through the shipped
+loop (``fusemoe.loop.train``, via benchmarks/shipped_loop.py) for a fixed number of epochs; the
+routing is that of the epoch best on validation AUROC (``train.primary_metric``).
 
 Run (from the repo root, on a FlexiModal directory written by ``python -m pipelines.prepare``):
     nice -n 10 .venv/bin/python benchmarks/routing_balance.py --data data/processed
@@ -29,12 +31,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fusemoe.data.dataset import FlexiModalDataset, collate, dataset_spec  # noqa: E402
+from benchmarks.shipped_loop import LOOP, train_keeping_best  # noqa: E402
+from fusemoe.data.dataset import FlexiModalDataset, collate  # noqa: E402
 from fusemoe.data.flexi import load_manifest  # noqa: E402
-from fusemoe.loop import select_tasks, set_seed  # noqa: E402
 from fusemoe.metrics import binary_metrics  # noqa: E402
-from fusemoe.model_io import build_model  # noqa: E402
-from fusemoe.nn.losses import entropy, task_loss  # noqa: E402
+from fusemoe.nn.losses import entropy  # noqa: E402
 from fusemoe.nn.moe import BALANCE_SCOPES, MoELayer  # noqa: E402
 from fusemoe.nn.mtand import EXACT_MASS, MTANDEncoder  # noqa: E402
 from pipelines.common import BEST_PARAMS, apply_best_params  # noqa: E402
@@ -43,45 +44,23 @@ TASK = "ihm"
 
 
 def train(
-    data: Path, model_params: dict, train_params: dict, seed: int, args
+    data: Path, model_params: dict, params: dict, seed: int, args
 ) -> tuple[torch.nn.Module, dict]:
-    """A lean AdamW loop (as benchmarks/p12_quality.py); returns the model and, per epoch, the
-    mean of the training batches' balance and entropy terms."""
-    from torch.utils.data import DataLoader
-
-    set_seed(seed)
-    spec = select_tasks(dataset_spec(load_manifest(data)), [TASK])
-    ds = FlexiModalDataset(data, "train", tasks=[TASK], max_stays=args.train_stays)
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        ds,
-        batch_size=int(train_params["batch_size"]),
-        shuffle=True,
-        collate_fn=collate,
-        generator=gen,
-    )
-    model = build_model(model_params, spec)
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=float(train_params["lr"]),
-        weight_decay=float(train_params["weight_decay"]),
-    )
-    history = {"load_balance": [], "entropy_reg": []}
-    for _ in range(args.epochs):
-        model.train()
-        last = {k: [] for k in history}
-        for batch in loader:
-            out = model(batch)
-            loss = task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            for k in last:
-                last[k].append(float(out.routing[k]))
-        for k, v in last.items():
-            history[k].append(round(float(np.mean(v)), 4))
-    return model, {f"train_{k}_per_epoch": v for k, v in history.items()}
+    """Trains through the shipped loop (`fusemoe.loop.train`, see benchmarks/shipped_loop.py)
+    with params.yaml's `train`/`deepspeed` sections; returns the model of the best validation
+    epoch and, per epoch, the loop's means of the training batches' balance and entropy terms."""
+    train_params = params["train"] | {
+        "tasks": [TASK],
+        "epochs": args.epochs,
+        "max_train_stays": args.train_stays,
+    }
+    sections = {"model": model_params, "train": train_params, "deepspeed": params["deepspeed"]}
+    trained = train_keeping_best(data, sections, seed, log=lambda *_: None)
+    stats = {
+        f"train_{k}_per_epoch": [round(h[f"routing_{k}"], 4) for h in trained.history]
+        for k in ("load_balance", "entropy_reg")
+    }
+    return trained.model, {"epoch": trained.best["epoch"]} | stats
 
 
 @torch.no_grad()
@@ -199,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         for scope in BALANCE_SCOPES:
             t0 = time.perf_counter()
             scoped = {**model_params, "balance_scope": scope}
-            model, train_stats = train(args.data, scoped, params["train"], seed, args)
+            model, train_stats = train(args.data, scoped, params, seed, args)
             run = {"seed": seed} | routing_stats(model, args.data, args) | train_stats
             run["seconds"] = round(time.perf_counter() - t0, 1)
             runs[scope].append(run)
@@ -217,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         },
         "model": model_params,
         "train": {"epochs": args.epochs, "seeds": args.seeds, "threads": args.threads}
-        | {k: params["train"][k] for k in ("batch_size", "lr", "weight_decay")},
+        | {k: params["train"][k] for k in ("batch_size", "lr", "lr_schedule", "weight_decay")},
+        "deepspeed": params["deepspeed"],
+        "training_loop": LOOP,
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "summary_mean_over_seeds": summary,
         "runs": runs,
