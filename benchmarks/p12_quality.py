@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scipy.stats
 import sklearn
 import torch
 import yaml
@@ -130,6 +131,11 @@ CONFIGS: dict[str, Entry] = {
         "fusemoe",
         "FuseMoE, Laplace, per-modality; mTAND tokens carry log(1 + count) per variable",
         {"gate": "laplace", "router": "per_modality", "count_features": True},
+    ),
+    "fusemoe_laplace_summary": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; plus a token of per-variable summaries (what GBM sees)",
+        {"gate": "laplace", "router": "per_modality", "summary_token": True},
     ),
     "fusemoe_laplace_x5": Entry(
         "fusemoe",
@@ -310,6 +316,34 @@ def summarise(rows: list[dict]) -> dict:
                 agg[f"{split}_{metric}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
         agg["runs"] = runs
         out[name] = agg
+    for name, agg in out.items():
+        if CONFIGS[name].kind == "fusemoe":
+            agg["paired"] = {
+                ref: paired_difference(agg["runs"], out[ref]["runs"])
+                for ref in PAIRED_REFERENCES
+                if ref in out and ref != name
+            }
+    return out
+
+
+# FuseMoE entries are compared split by split with these (gradient boosting, the no-MoE model).
+PAIRED_REFERENCES = ("gbm", "dense")
+
+
+def paired_difference(runs: list[dict], reference: list[dict]) -> dict:
+    """Per-split differences (runs - reference) in test and val AUROC/AUPRC on their common
+    seeds: the values, mean and a 95% Student-t interval over splits (none for one split)."""
+    ref = {r["seed"]: r for r in reference}
+    common = [r for r in runs if r["seed"] in ref]
+    out: dict = {"seeds": [r["seed"] for r in common]}
+    for split in ("test", "val"):
+        for metric in ("auroc", "auprc"):
+            d = np.array([r[split][metric] - ref[r["seed"]][split][metric] for r in common])
+            entry = {"per_split": d.tolist(), "mean": float(d.mean()) if len(d) else None}
+            if len(d) > 1:
+                half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+                entry["ci95"] = [float(d.mean() - half), float(d.mean() + half)]
+            out[f"{split}_{metric}"] = entry
     return out
 
 
@@ -325,6 +359,20 @@ def markdown(summary: dict) -> str:
         )
     for name, (auroc, auprc) in PUBLISHED.items():
         lines.append(f"| {name} (published) | {auroc:.1f} | {auprc:.1f} | 5 |")
+    lines += [
+        "",
+        "| paired test difference (points) | AUROC mean [95% CI] | AUPRC mean [95% CI] | seeds |",
+        "|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        for ref, d in s.get("paired", {}).items():
+            cells = []
+            for metric in ("auroc", "auprc"):
+                e = d[f"test_{metric}"]
+                ci = e.get("ci95")
+                ci_text = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
+                cells.append(f"{100 * e['mean']:+.1f}{ci_text}" if e["mean"] is not None else "")
+            lines.append(f"| {name} − {ref} | {cells[0]} | {cells[1]} | {len(d['seeds'])} |")
     return "\n".join(lines)
 
 
