@@ -137,6 +137,18 @@ CONFIGS: dict[str, Entry] = {
         "FuseMoE, Laplace, per-modality; plus a token of per-variable summaries (what GBM sees)",
         {"gate": "laplace", "router": "per_modality", "summary_token": True},
     ),
+    "fusemoe_laplace_summary_cosine": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; summary token, 1 warmup epoch, cosine decay over 8 epochs",
+        {"gate": "laplace", "router": "per_modality", "summary_token": True},
+        {"lr_schedule": "cosine", "warmup_epochs": 1, "epochs": 8},
+    ),
+    "fusemoe_laplace_summary_reg": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; summary token, dropout 0.3, weight decay 0.05",
+        {"gate": "laplace", "router": "per_modality", "summary_token": True, "dropout": 0.3},
+        {"weight_decay": 0.05},
+    ),
     "fusemoe_laplace_x5": Entry(
         "fusemoe",
         "Ensemble of 5 FuseMoE-Laplace models (seeds s + 1000 i), probabilities averaged",
