@@ -9,19 +9,22 @@ setting reruns only what it affects. The summary JSON aggregates the cache for t
 Run (from the repo root, after ``python -m pipelines.prepare``):
     nice -n 10 .venv/bin/python benchmarks/p12_quality.py --configs gbm logreg
     nice -n 10 .venv/bin/python benchmarks/p12_quality.py --configs fusemoe_laplace --epochs 4
-FuseMoE runs train on a per-seed copy of the FlexiModal directory (under runs/, not committed)
-whose split column is the seed's split and whose normalisation statistics come from its train part.
+FuseMoE entries train with ``fusemoe.loop.train``, the loop the train stage's Ray workers run
+(here on a one-rank gloo group, no Ray), for params.yaml's ``train.epochs``; the epoch with the best
+validation AUROC is kept. Each run uses a per-seed copy of the FlexiModal directory (under runs/,
+not committed) whose split column is the seed's split and whose normalisation statistics come from
+its train part.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
-import math
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scipy.stats
 import sklearn
 import torch
 import yaml
@@ -43,6 +47,9 @@ from fusemoe.data.flexi import EVENTS_FILE, STAYS_FILE, assign_splits, load_mani
 from fusemoe.metrics import binary_metrics  # noqa: E402
 
 TASK = "ihm"
+# FuseMoE entries train with the train stage's loop; cached rows of the benchmark's former own
+# loop lack this mark and are left out of the summary.
+LOOP = "fusemoe.loop.train"
 FRACTIONS = (0.8, 0.1, 0.1)
 RESULTS = ROOT / "benchmarks" / "results"
 # Published P12 mortality results, mean over 5 splits (AUROC, AUPRC in %), as listed in issue 5.
@@ -125,6 +132,23 @@ CONFIGS: dict[str, Entry] = {
         "FuseMoE, Laplace, per-modality; mTAND tokens carry log(1 + count) per variable",
         {"gate": "laplace", "router": "per_modality", "count_features": True},
     ),
+    "fusemoe_laplace_summary": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; plus a token of per-variable summaries (what GBM sees)",
+        {"gate": "laplace", "router": "per_modality", "summary_token": True},
+    ),
+    "fusemoe_laplace_summary_cosine": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; summary token, 1 warmup epoch, cosine decay over 8 epochs",
+        {"gate": "laplace", "router": "per_modality", "summary_token": True},
+        {"lr_schedule": "cosine", "warmup_epochs": 1, "epochs": 8},
+    ),
+    "fusemoe_laplace_summary_reg": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; summary token, dropout 0.3, weight decay 0.05",
+        {"gate": "laplace", "router": "per_modality", "summary_token": True, "dropout": 0.3},
+        {"weight_decay": 0.05},
+    ),
     "fusemoe_laplace_x5": Entry(
         "fusemoe",
         "Ensemble of 5 FuseMoE-Laplace models (seeds s + 1000 i), probabilities averaged",
@@ -147,8 +171,10 @@ def fingerprint(obj: dict) -> str:
 
 
 def code_digest() -> str:
-    """Digest of the model and data-loading source, so a code change reruns FuseMoE entries."""
-    files = sorted((ROOT / "fusemoe" / "nn").glob("*.py")) + [ROOT / "fusemoe/data/dataset.py"]
+    """Digest of the model, loop and data-loading source, so a code change reruns FuseMoE entries."""
+    files = sorted((ROOT / "fusemoe" / "nn").glob("*.py")) + [
+        ROOT / "fusemoe" / f for f in ("data/dataset.py", "loop.py", "model_io.py", "inference.py")
+    ]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
@@ -208,14 +234,12 @@ def seed_dir(source: Path, cache_root: Path, seed: int, split: np.ndarray) -> Pa
     return target
 
 
-def run_fusemoe(
-    entry: Entry, data_dir: Path, model_params: dict, train_params: dict, seed: int, log: Callable
-) -> dict:
+def run_fusemoe(entry: Entry, data_dir: Path, cfg: dict, seed: int, log: Callable) -> dict:
     """Trains ``train.ensemble`` members (default 1; member i seeded ``seed + 1000 i``) and
-    averages their probabilities; each member's epoch is chosen on validation AUROC."""
+    averages their probabilities; each member's epoch is chosen on validation."""
     members = [
-        train_member(data_dir, model_params, train_params, seed + 1000 * i, log)
-        for i in range(int(train_params.get("ensemble", 1)))
+        train_member(data_dir, cfg, seed + 1000 * i, log)
+        for i in range(int(cfg["train"].get("ensemble", 1)))
     ]
     y = members[0]["labels"]
     mean_p = {s: np.mean([m["probs"][s] for m in members], axis=0) for s in ("val", "test")}
@@ -233,89 +257,55 @@ def run_fusemoe(
     }
 
 
-def train_member(
-    data_dir: Path, model_params: dict, train_params: dict, seed: int, log: Callable
-) -> dict:
-    """Lean single-process loop (AdamW, grad clipping, optional LR schedule); the epoch with the
-    best validation AUROC is kept. Returns labels and probabilities on val and test."""
+def train_member(data_dir: Path, cfg: dict, seed: int, log: Callable) -> dict:
+    """One model trained by ``fusemoe.loop.train`` (the train stage's loop, here on a one-rank
+    group without Ray); the epoch best on ``train.primary_metric`` (validation) is kept and
+    scored on val and test. Returns labels and probabilities on val and test."""
     from torch.utils.data import DataLoader
 
-    from fusemoe.data.dataset import FlexiModalDataset, collate, dataset_spec, drop_modalities
+    from fusemoe.data.dataset import FlexiModalDataset, collate
     from fusemoe.inference import predict
-    from fusemoe.loop import lr_scheduler, select_tasks, set_seed
-    from fusemoe.model_io import build_model
-    from fusemoe.nn.losses import task_loss
+    from fusemoe.loop import train
+    from fusemoe.metrics import is_better
+    from fusemoe.model_io import load_model
 
-    set_seed(seed)
-    spec = select_tasks(dataset_spec(load_manifest(data_dir)), [TASK])
-    bs = int(train_params["batch_size"])
-    ds = {s: FlexiModalDataset(data_dir, s, tasks=[TASK]) for s in ("train", "val", "test")}
-    gen = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(
-        ds["train"], batch_size=bs, shuffle=True, collate_fn=collate, generator=gen
-    )
-    eval_loader = {
-        s: DataLoader(ds[s], batch_size=4 * bs, collate_fn=collate) for s in ("val", "test")
-    }
+    tcfg = cfg["train"] | {"seed": seed}
+    primary = tcfg["primary_metric"]
+    with tempfile.TemporaryDirectory(prefix="p12q-") as tmp:
+        best_dir, best = Path(tmp) / "model", {}
 
-    model = build_model(model_params, spec)
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=float(train_params["lr"]),
-        weight_decay=float(train_params["weight_decay"]),
-    )
-    clip = float(train_params.get("grad_clip", 1.0))
-    sched = lr_scheduler(opt, train_params, len(train_loader))
+        def keep_best(metrics: dict, ckpt: Path) -> None:
+            # The loop deletes ckpt after this returns: copy the model of a better epoch.
+            if not best or is_better(metrics[primary], best[primary], primary):
+                shutil.rmtree(best_dir, ignore_errors=True)
+                shutil.copytree(ckpt / "model", best_dir)
+                best.clear()
+                best.update(metrics)
 
-    def scores(split: str) -> tuple[np.ndarray, np.ndarray]:
-        pred = predict(model, eval_loader[split], torch.device("cpu"))
-        return pred["labels"][TASK].reshape(-1), 1 / (1 + np.exp(-pred["logits"][TASK].reshape(-1)))
-
-    history, best, best_state, best_epoch = [], -math.inf, None, 0
-    for epoch in range(int(train_params["epochs"])):
-        t0 = time.perf_counter()
-        model.train()
-        total = 0.0
-        for batch in train_loader:
-            batch = drop_modalities(batch, float(train_params.get("modality_dropout", 0.0)))
-            out = model(batch)
-            loss = task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-        train_s = time.perf_counter() - t0
-        val = binary_metrics(*scores("val"))
-        history.append(
+        out = train(
             {
-                "epoch": epoch + 1,
-                "train_loss": total / len(train_loader),
-                "train_s": train_s,
-                "epoch_s": time.perf_counter() - t0,
-                "val_auroc": val["auroc"],
-                "val_auprc": val["auprc"],
-            }
+                "data_dir": str(data_dir),
+                "model": cfg["model"],
+                "train": tcfg,
+                "deepspeed": cfg["deepspeed"],
+            },
+            keep_best,
+            log=log,
         )
-        log(
-            f"  epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} val AUROC {val['auroc']:.4f} "
-            f"AUPRC {val['auprc']:.4f} ({history[-1]['epoch_s']:.0f}s)"
-        )
-        if val["auroc"] > best:
-            best, best_state, best_epoch = (
-                val["auroc"],
-                copy.deepcopy(model.state_dict()),
-                epoch + 1,
-            )
-        elif epoch + 1 - best_epoch >= int(train_params["patience"]):
-            break
-    model.load_state_dict(best_state)
+        model, _ = load_model(best_dir)
+    history = out["history"]
     labels, probs = {}, {}
     for split in ("val", "test"):
-        labels[split], probs[split] = scores(split)
+        loader = DataLoader(
+            FlexiModalDataset(data_dir, split),
+            batch_size=2 * int(tcfg["batch_size"]),
+            collate_fn=collate,
+        )
+        pred = predict(model, loader, torch.device("cpu"))
+        labels[split] = pred["labels"][TASK].reshape(-1)
+        probs[split] = 1 / (1 + np.exp(-pred["logits"][TASK].reshape(-1)))
     return {
-        "epoch": best_epoch,
+        "epoch": best["epoch"],
         "labels": labels,
         "probs": probs,
         "history": history,
@@ -338,6 +328,34 @@ def summarise(rows: list[dict]) -> dict:
                 agg[f"{split}_{metric}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
         agg["runs"] = runs
         out[name] = agg
+    for name, agg in out.items():
+        if CONFIGS[name].kind == "fusemoe":
+            agg["paired"] = {
+                ref: paired_difference(agg["runs"], out[ref]["runs"])
+                for ref in PAIRED_REFERENCES
+                if ref in out and ref != name
+            }
+    return out
+
+
+# FuseMoE entries are compared split by split with these (gradient boosting, the no-MoE model).
+PAIRED_REFERENCES = ("gbm", "dense")
+
+
+def paired_difference(runs: list[dict], reference: list[dict]) -> dict:
+    """Per-split differences (runs - reference) in test and val AUROC/AUPRC on their common
+    seeds: the values, mean and a 95% Student-t interval over splits (none for one split)."""
+    ref = {r["seed"]: r for r in reference}
+    common = [r for r in runs if r["seed"] in ref]
+    out: dict = {"seeds": [r["seed"] for r in common]}
+    for split in ("test", "val"):
+        for metric in ("auroc", "auprc"):
+            d = np.array([r[split][metric] - ref[r["seed"]][split][metric] for r in common])
+            entry = {"per_split": d.tolist(), "mean": float(d.mean()) if len(d) else None}
+            if len(d) > 1:
+                half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+                entry["ci95"] = [float(d.mean() - half), float(d.mean() + half)]
+            out[f"{split}_{metric}"] = entry
     return out
 
 
@@ -353,6 +371,20 @@ def markdown(summary: dict) -> str:
         )
     for name, (auroc, auprc) in PUBLISHED.items():
         lines.append(f"| {name} (published) | {auroc:.1f} | {auprc:.1f} | 5 |")
+    lines += [
+        "",
+        "| paired test difference (points) | AUROC mean [95% CI] | AUPRC mean [95% CI] | seeds |",
+        "|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        for ref, d in s.get("paired", {}).items():
+            cells = []
+            for metric in ("auroc", "auprc"):
+                e = d[f"test_{metric}"]
+                ci = e.get("ci95")
+                ci_text = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
+                cells.append(f"{100 * e['mean']:+.1f}{ci_text}" if e["mean"] is not None else "")
+            lines.append(f"| {name} − {ref} | {cells[0]} | {cells[1]} | {len(d['seeds'])} |")
     return "\n".join(lines)
 
 
@@ -365,12 +397,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--epochs", type=int, default=None, help="FuseMoE epoch budget (default params.yaml)"
     )
-    ap.add_argument(
-        "--patience",
-        type=int,
-        default=5,
-        help="FuseMoE: stop after this many epochs without a better val AUROC",
-    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=RESULTS / "p12_quality_runs.jsonl")
     ap.add_argument("--split-cache", type=Path, default=ROOT / "runs" / "p12_quality")
@@ -380,9 +406,14 @@ def main(argv: list[str] | None = None) -> None:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
 
     params = yaml.safe_load(args.params.read_text())
-    train_params = {
-        k: params["train"][k] for k in ("epochs", "batch_size", "lr", "weight_decay")
-    } | {"grad_clip": params["deepspeed"]["grad_clip"], "patience": args.patience}
+    # The train stage's settings, on this benchmark's task; the seed is the split's.
+    train_params = params["train"] | {
+        "tasks": [TASK],
+        "primary_metric": f"val_auroc_{TASK}",
+        "max_train_stays": 0,
+    }
+    for key in ("seed", "use_best_params", "run_name", "checkpoint_dir"):
+        train_params.pop(key, None)
     if args.epochs is not None:
         train_params["epochs"] = args.epochs
 
@@ -406,8 +437,10 @@ def main(argv: list[str] | None = None) -> None:
         settings = {"entry": described, "data": data_id, "fractions": FRACTIONS}
         if entry.kind == "fusemoe":
             settings |= {
+                "loop": LOOP,
                 "model": params["model"] | entry.model,
                 "train": train_params | entry.train,
+                "deepspeed": params["deepspeed"],
                 "code": code_digest(),
             }
         fp = fingerprint(settings)
@@ -421,9 +454,7 @@ def main(argv: list[str] | None = None) -> None:
             with threadpool_limits(args.threads):
                 if entry.kind == "fusemoe":
                     data_dir = seed_dir(args.data, args.split_cache, seed, splits[seed])
-                    res = run_fusemoe(
-                        entry, data_dir, settings["model"], settings["train"], seed, log
-                    )
+                    res = run_fusemoe(entry, data_dir, settings, seed, log)
                 else:
                     if features is None:
                         features = summary_features(stays, events, manifest).to_numpy()
@@ -451,7 +482,11 @@ def main(argv: list[str] | None = None) -> None:
         current
     )
     rows = [
-        r for r in cache if wanted.get(r["config"]) == r["fingerprint"] and r["seed"] in args.seeds
+        r
+        for r in cache
+        if wanted.get(r["config"]) == r["fingerprint"]
+        and r["seed"] in args.seeds
+        and (CONFIGS[r["config"]].kind != "fusemoe" or r["settings"].get("loop") == LOOP)
     ]
     rows.sort(key=lambda r: list(CONFIGS).index(r["config"]))
     summary = summarise(rows)

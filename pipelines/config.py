@@ -174,6 +174,7 @@ class ModelConfig(Section):
     confidence_weight: NonNegativeFloat = _M.confidence_weight
     time_horizon_h: PositiveFloat = _M.time_horizon_h
     count_features: bool = _M.count_features
+    summary_token: bool = _M.summary_token
     experts_backend: Backend = _M.experts_backend
 
     @model_validator(mode="after")

@@ -34,6 +34,7 @@ from fusemoe.nn.mtand import (
     StaticEncoder,
     series_present,
 )
+from fusemoe.nn.summary import SummaryEncoder, any_series_observed
 
 
 @dataclass
@@ -63,6 +64,7 @@ class FuseMoEConfig:
     confidence_weight: float = 1.0  # weight of the confidence gate's head-fitting loss
     time_horizon_h: float = 48.0  # reference times span [0, horizon] hours
     count_features: bool = False  # mTAND tokens also carry log(1 + observations) per variable
+    summary_token: bool = False  # one more token of per-variable summaries (fusemoe.nn.summary)
     experts_backend: str = "auto"  # fusemoe.nn.experts backend: auto | grouped | loop
 
     def __post_init__(self) -> None:
@@ -192,10 +194,14 @@ class FuseMoE(nn.Module):
         )
         self.static_encoder = StaticEncoder(spec.static_dim, d) if self.has_static else None
         # Token layout per sample: each series, then each embedding modality -> num_ref_points
-        # tokens; static -> 1; in this order.
+        # tokens; static -> 1; the summary token -> 1; in this order.
         timed = self.series_names + self.embedding_names
         self.modality_tokens = [cfg.num_ref_points] * len(timed)
         self.modality_tokens += [1] if self.has_static else []
+        self.summary_encoder = (
+            SummaryEncoder(spec.series, d) if cfg.summary_token and spec.series else None
+        )
+        self.modality_tokens += [1] if self.summary_encoder is not None else []
         self.modality_embed = nn.ModuleList(ModalityTokens(n, d) for n in self.modality_tokens)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, self.modality_tokens) for _ in range(cfg.n_layers))
@@ -227,7 +233,13 @@ class FuseMoE(nn.Module):
         if self.has_static:
             st = batch["static"]
             h = self.static_encoder(st["values"], st["mask"])
-            tokens.append(self.modality_embed[-1](h, self._static_present(batch, st["mask"])))
+            static_embed = self.modality_embed[len(timed)]  # right after the timed modalities
+            tokens.append(static_embed(h, self._static_present(batch, st["mask"])))
+        if self.summary_encoder is not None:
+            series = batch["series"]
+            h = self.summary_encoder(series, present, b)
+            seen = any_series_observed(series, present, b, h.device)
+            tokens.append(self.modality_embed[-1](h, seen))
         return torch.cat(tokens, dim=1)
 
     def _static_present(self, batch: dict, mask: Tensor) -> Tensor:
