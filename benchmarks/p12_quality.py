@@ -22,9 +22,7 @@ import argparse
 import hashlib
 import json
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from threadpoolctl import threadpool_limits
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.shipped_loop import LOOP, train_keeping_best  # noqa: E402
 from fusemoe.baselines import fit_gbm, fit_logreg, labels, read_flexi_frames, summary_features  # noqa: E402
 from fusemoe.data.flexi import EVENTS_FILE, STAYS_FILE, assign_splits, load_manifest, write_flexi  # noqa: E402
 from fusemoe.metrics import binary_metrics  # noqa: E402
@@ -49,7 +48,6 @@ from fusemoe.metrics import binary_metrics  # noqa: E402
 TASK = "ihm"
 # FuseMoE entries train with the train stage's loop; cached rows of the benchmark's former own
 # loop lack this mark and are left out of the summary.
-LOOP = "fusemoe.loop.train"
 FRACTIONS = (0.8, 0.1, 0.1)
 RESULTS = ROOT / "benchmarks" / "results"
 # Published P12 mortality results, mean over 5 splits (AUROC, AUPRC in %), as listed in issue 5.
@@ -258,42 +256,16 @@ def run_fusemoe(entry: Entry, data_dir: Path, cfg: dict, seed: int, log: Callabl
 
 
 def train_member(data_dir: Path, cfg: dict, seed: int, log: Callable) -> dict:
-    """One model trained by ``fusemoe.loop.train`` (the train stage's loop, here on a one-rank
-    group without Ray); the epoch best on ``train.primary_metric`` (validation) is kept and
-    scored on val and test. Returns labels and probabilities on val and test."""
+    """One model trained by the shipped loop (benchmarks/shipped_loop.py), the epoch best on
+    ``train.primary_metric`` (validation) kept and scored on val and test."""
     from torch.utils.data import DataLoader
 
     from fusemoe.data.dataset import FlexiModalDataset, collate
     from fusemoe.inference import predict
-    from fusemoe.loop import train
-    from fusemoe.metrics import is_better
-    from fusemoe.model_io import load_model
 
-    tcfg = cfg["train"] | {"seed": seed}
-    primary = tcfg["primary_metric"]
-    with tempfile.TemporaryDirectory(prefix="p12q-") as tmp:
-        best_dir, best = Path(tmp) / "model", {}
-
-        def keep_best(metrics: dict, ckpt: Path) -> None:
-            # The loop deletes ckpt after this returns: copy the model of a better epoch.
-            if not best or is_better(metrics[primary], best[primary], primary):
-                shutil.rmtree(best_dir, ignore_errors=True)
-                shutil.copytree(ckpt / "model", best_dir)
-                best.clear()
-                best.update(metrics)
-
-        out = train(
-            {
-                "data_dir": str(data_dir),
-                "model": cfg["model"],
-                "train": tcfg,
-                "deepspeed": cfg["deepspeed"],
-            },
-            keep_best,
-            log=log,
-        )
-        model, _ = load_model(best_dir)
-    history = out["history"]
+    trained = train_keeping_best(data_dir, cfg, seed, log)
+    model, best, history = trained.model, trained.best, trained.history
+    tcfg = cfg["train"]
     labels, probs = {}, {}
     for split in ("val", "test"):
         loader = DataLoader(
