@@ -209,6 +209,20 @@ def _check_no_nulls(table: pa.Table, file: str, columns: list[str]) -> None:
             raise FlexiModalError(file, "missing (null) value", row=_first(mask), column=name)
 
 
+def _stay_rows(table: pa.Table, stays: pa.Table, file, stays_file) -> np.ndarray:
+    """Row of stays.parquet that each row of `table` belongs to; an unknown stay is an error."""
+    stay_ids = stays.column("stay_id").combine_chunks().cast(pa.string())
+    pos = pc.index_in(table.column("stay_id"), value_set=stay_ids)
+    pos_np = pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    if (pos_np < 0).any():
+        i = _first(pos_np < 0)
+        sid = table.column("stay_id")[i].as_py()
+        raise FlexiModalError(
+            file, f"stay_id '{sid}' is not in {stays_file}", row=i, column="stay_id"
+        )
+    return pos_np
+
+
 def _check_times(table: pa.Table, file) -> np.ndarray:
     """A table's `time_h` as numpy: finite and not negative (hours since the stay began)."""
     time = _np(table.column("time_h"))
@@ -438,15 +452,7 @@ def validate_embedding(
                 column="vector",
             )
         start += len(chunk)
-    stay_ids = stays.column("stay_id").combine_chunks().cast(pa.string())
-    pos = pc.index_in(table.column("stay_id"), value_set=stay_ids)
-    pos_np = pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    if (pos_np < 0).any():
-        i = _first(pos_np < 0)
-        sid = table.column("stay_id")[i].as_py()
-        raise FlexiModalError(
-            file, f"stay_id '{sid}' is not in {stays_file}", row=i, column="stay_id"
-        )
+    pos_np = _stay_rows(table, stays, file, stays_file)
     i = _first_repeat(pos_np, np.zeros_like(pos_np), time)
     if i is not None:
         raise FlexiModalError(
@@ -605,15 +611,7 @@ def validate_events(
             row=i,
             column="variable",
         )
-    stay_ids = stays.column("stay_id").combine_chunks().cast(pa.string())
-    pos = pc.index_in(events.column("stay_id"), value_set=stay_ids)
-    pos_np = pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    if (pos_np < 0).any():
-        i = _first(pos_np < 0)
-        sid = events.column("stay_id")[i].as_py()
-        raise FlexiModalError(
-            file, f"stay_id '{sid}' is not in {stays_file}", row=i, column="stay_id"
-        )
+    pos_np = _stay_rows(events, stays, file, stays_file)
     # Two values of one variable at the same time of a stay: the model's input holds one value per
     # (time, variable), so one of them would silently be lost.
     i = _first_repeat(pos_np, mod_idx * max(len(var_dict), 1) + var_codes, time)
