@@ -281,7 +281,7 @@ class FlexiModalDataset(Dataset):
             batch["present"][name] = torch.from_numpy(n_rows > 0)
         # Embedding modalities (FlexiModal 1.1, where the dataset has them): vectors padded like
         # collate's, a row mask, present where a stay has a vector.
-        for name, e in getattr(self, "embeddings", {}).items():
+        for name, e in self.embeddings.items():
             e0, n_vec = e.offsets[idx], e.offsets[idx + 1] - e.offsets[idx]
             length = max(1, int(n_vec.max(initial=0)))
             values = np.zeros((b, length, e.vectors.shape[1]), np.float32)
