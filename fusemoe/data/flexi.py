@@ -623,7 +623,7 @@ def _shifted(e: FlexiModalError, rows: int) -> FlexiModalError:
 class EventStream:
     """Validates events batch by batch against the manifest and the validated stays, and keeps
     only what the statistics need: exact sums of the train split's values per variable, event
-    counts per variable, and the (stay, variable) pairs observed.
+    and stay counts per variable, and which stays have each series modality.
 
     Two values of one (stay, variable, time) are found because each stay's rows are kept
     together (see `EventsNotGrouped`): the rows of the stay the last batch ended with are
@@ -636,17 +636,18 @@ class EventStream:
         self.variables = [(m["name"], v) for m in self.series for v in m["variables"]]
         self.first_variable = np.cumsum([0] + [len(m["variables"]) for m in self.series])
         self.stay_ids = stays.column("stay_id").combine_chunks().cast(pa.string())
-        split = stays.column("split").to_pylist() if "split" in stays.column_names else []
-        self.train = np.asarray(split, dtype=object) == "train"
+        self.train = np.asarray(stays.column("split").to_pylist(), dtype=object) == "train"
         self.rows = 0
         self.casts: dict[str, str] = {}
         self.moments = _Moments(len(self.variables))
-        self.per_variable = np.zeros(len(self.variables), np.int64)
-        self.pairs = _Pairs()
+        self.per_variable = np.zeros(len(self.variables), np.int64)  # events
+        self.stays_per_variable = np.zeros(len(self.variables), np.int64)
+        self.modality_of = np.repeat(np.arange(len(self.series)), np.diff(self.first_variable))
+        self.present = np.zeros((len(self.series), stays.num_rows), dtype=bool)
         self.seen = np.zeros(stays.num_rows, dtype=bool)  # stays with an event so far
-        self.carry: tuple[np.ndarray, ...] | None = (
-            None  # (stay, variable, time, row) of the last stay
-        )
+        # (stay, variable, time, row) of the last stay's rows so far, and its variables
+        self.carry: tuple[np.ndarray, ...] | None = None
+        self.carry_variables = np.zeros(0, np.int64)
 
     def add(self, events: pa.Table, conform: bool = False) -> pa.Table:
         """Checks one batch (cast losslessly first when `conform`); returns it as checked."""
@@ -657,13 +658,32 @@ class EventStream:
             stay, var, time, value = self._check(events)
         except FlexiModalError as e:
             raise _shifted(e, self.rows) from None
+        carried = self.carry[0][0] if self.carry is not None else -1
         self._check_repeats(stay, var, time)
         self.rows += events.num_rows
-        in_train = self.train[stay] if self.train.size else np.zeros(stay.size, bool)
+        in_train = self.train[stay]
         self.moments.add(var[in_train], value[in_train])
         self.per_variable += np.bincount(var, minlength=len(self.variables))
-        self.pairs.add(stay.astype(np.int64) * max(len(self.variables), 1) + var)
+        self.present[self.modality_of[var], stay] = True
+        self._count_stays(stay, var, carried)
         return events
+
+    def _count_stays(self, stay: np.ndarray, var: np.ndarray, carried: int) -> None:
+        """Stays per variable: the distinct (stay, variable) pairs of this batch, less those of
+        the stay carried over from the last batch that it already counted (a stream keeps each
+        stay's rows together, so no other stay can be counted twice)."""
+        if stay.size == 0:
+            return
+        width = len(self.variables)
+        pairs = np.unique(stay.astype(np.int64) * width + var)
+        pair_stay, pair_var = pairs // width, pairs % width
+        counted = (pair_stay == carried) & np.isin(pair_var, self.carry_variables)
+        self.stays_per_variable += np.bincount(pair_var[~counted], minlength=width)
+        last = pair_stay == stay[-1]
+        if stay[-1] == carried:
+            self.carry_variables = np.union1d(self.carry_variables, pair_var[last])
+        else:
+            self.carry_variables = pair_var[last]
 
     def _check(self, events: pa.Table) -> tuple[np.ndarray, ...]:
         """Row-wise checks of one batch; (stay row, variable index, time, value) of its rows."""
@@ -969,28 +989,6 @@ def _stats(values: np.ndarray) -> dict:
     return moments.stats(0)
 
 
-class _Pairs:
-    """The distinct int64 keys (stay * variables + variable) seen so far: which stays have which
-    variable, in memory that follows the pairs, not the events."""
-
-    def __init__(self):
-        self.merged = np.zeros(0, np.int64)
-        self.pending: list[np.ndarray] = []
-        self.pending_size = 0
-
-    def add(self, keys: np.ndarray) -> None:
-        self.pending.append(np.unique(keys))
-        self.pending_size += self.pending[-1].size
-        if self.pending_size > max(self.merged.size, 1 << 20):
-            self.keys()
-
-    def keys(self) -> np.ndarray:
-        if self.pending:
-            self.merged = np.unique(np.concatenate([self.merged, *self.pending]))
-            self.pending, self.pending_size = [], 0
-        return self.merged
-
-
 def _rate(x: np.ndarray) -> float | None:
     return round(float(x.mean()), 6) if x.size else None
 
@@ -1010,9 +1008,6 @@ def compute_statistics(
     split_masks = {s: split == s for s in SPLITS}
     train = split_masks["train"]
     n = stays.num_rows
-    pairs = events.pairs.keys()
-    width = max(len(events.variables), 1)
-    pair_stay, pair_var = pairs // width, pairs % width
 
     norm: dict[str, dict] = {}
     missingness: dict[str, dict] = {"modality": {}, "variable": {}}
@@ -1044,16 +1039,16 @@ def compute_statistics(
                 missingness["variable"][name][v] = _rate(~valid)
                 present |= valid
         else:
-            first = int(events.first_variable[series_index[name]])
+            k = series_index[name]
+            first = int(events.first_variable[k])
             counts["events_per_modality"][name] = int(
                 events.per_variable[first : first + len(m["variables"])].sum()
             )
             for j, v in enumerate(m["variables"]):
                 norm[name][v] = events.moments.stats(first + j)
-                has = np.zeros(n, dtype=bool)
-                has[pair_stay[pair_var == first + j]] = True
-                missingness["variable"][name][v] = _rate(~has)
-                present |= has
+                without = n - int(events.stays_per_variable[first + j])
+                missingness["variable"][name][v] = round(without / n, 6) if n else None
+            present = events.present[k]
         counts["stays_with_modality"][name] = int(present.sum())
         missingness["modality"][name] = {"all": _rate(~present)} | {
             s: _rate(~present[mask]) for s, mask in split_masks.items()
