@@ -4,7 +4,9 @@ A FlexiModal directory holds `stays.parquet`, `events.parquet`, `manifest.json` 
 `embeddings/<modality>.parquet` per embedding modality (format in docs/FLEXIMODAL.md). Every reader (PhysioNet 2012, synthetic, a user's own files) ends in
 `write_flexi`, so every dataset passes the same validator and gets statistics computed the same way.
 Errors are `FlexiModalError` with a one-line message naming file, row/record, column and problem;
-rows are 0-based row numbers of the table.
+rows are 0-based row numbers of the table. Events may arrive as a stream of batches
+(`EventStream`): they are then checked, summarised and written batch by batch, so memory follows a
+batch and one stay, not the events table.
 """
 
 from __future__ import annotations
