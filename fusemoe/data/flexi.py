@@ -1128,7 +1128,7 @@ class _RowGroupWriter:
     batches sharing their dictionaries the bytes, of one written from the whole table."""
 
     def __init__(self, writer: pq.ParquetWriter):
-        self.writer, self.pending, self.size = writer, [], 0
+        self.writer, self.pending, self.size, self.groups = writer, [], 0, 0
 
     def add(self, table: pa.Table) -> None:
         self.pending.append(table)
@@ -1137,12 +1137,13 @@ class _RowGroupWriter:
             self._write(EVENTS_ROW_GROUP)
 
     def close(self) -> None:
-        if self.size or not self.pending:
+        if self.size or not self.groups:  # no events: one empty row group, as write_table
             self._write(self.size)
 
     def _write(self, rows: int) -> None:
         table = pa.concat_tables(self.pending) if self.pending else EVENTS_SCHEMA.empty_table()
         self.writer.write_table(table.slice(0, rows).combine_chunks())
+        self.groups += 1
         rest = table.slice(rows)
         self.pending, self.size = ([rest] if rest.num_rows else []), rest.num_rows
 

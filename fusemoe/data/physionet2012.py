@@ -231,7 +231,7 @@ def verify_raw_dir(
     raw = Path(raw_dir)
     try:
         for s in sets:
-            label, files = _set_files(raw, s)
+            label, files = _set_files(raw, s, lazy=True)
             _check_set(label, s, content_digest(files))
             del files
             outcomes = raw / f"Outcomes-{s}.txt"

@@ -118,6 +118,18 @@ def test_exact_statistics_do_not_lose_small_values_next_to_large_ones(tmp_path):
     assert norm["std"] == pytest.approx(float(variance) ** 0.5, rel=1e-15)
 
 
+def test_an_empty_stream_writes_the_files_of_an_empty_table(tmp_path, synthetic):
+    stays, events, manifest = synthetic
+    only_static = {
+        **manifest,
+        "modalities": [m for m in manifest["modalities"] if m["kind"] == "static"],
+    }
+    stays = stays[stays["Age"].notna()]  # every stay needs an observation: here its static values
+    write_flexi(tmp_path / "table", stays, events.schema.empty_table(), only_static)
+    write_flexi(tmp_path / "stream", stays, iter([]), only_static)
+    _same_files(tmp_path / "table", tmp_path / "stream")
+
+
 def test_a_repeat_split_across_two_batches_is_found_naming_its_row_in_the_whole_table(
     synthetic, small_batches
 ):
