@@ -1142,7 +1142,8 @@ class _RowGroupWriter:
 
     def _write(self, rows: int) -> None:
         table = pa.concat_tables(self.pending) if self.pending else EVENTS_SCHEMA.empty_table()
-        self.writer.write_table(table.slice(0, rows).combine_chunks())
+        # one dictionary per column of a row group (index arrays rewritten, values not copied)
+        self.writer.write_table(table.slice(0, rows).unify_dictionaries())
         self.groups += 1
         rest = table.slice(rows)
         self.pending, self.size = ([rest] if rest.num_rows else []), rest.num_rows
