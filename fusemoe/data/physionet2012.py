@@ -155,9 +155,9 @@ def _set_files(
 ) -> tuple[str, list[tuple[str, bytes | Path]]]:
     """(label for messages, [(file name, bytes)] in byte-sorted name order) of one set.
 
-    `lazy`: an extracted folder's files are given as paths, read when needed (`_bytes`), so a
-    set's records need not all be in memory at once; a tarball's are always read (gzip has no
-    random access; the published P12 sets are 25 MB each)."""
+    `lazy`: an extracted folder's files are given as paths instead of bytes, read when needed
+    (`_bytes`), so a set's records need not all be in memory at once; a tarball's are always
+    read (gzip has no random access; the published P12 sets are 25 MB each)."""
     folder, tarball = raw_dir / f"set-{s}", raw_dir / f"set-{s}.tar.gz"
     files: list[tuple[str, bytes | Path]] = []
     if folder.is_dir():
