@@ -1,7 +1,8 @@
 """Benchmark: how prepare and one training epoch grow with the data, at 1x, 4x and 10x P12.
 
-    python benchmarks/data_scaling.py [--scales 1 4 10] [--max-train-stays 0]
+    python benchmarks/data_scaling.py [--scales 1 4 10] [--train-stays-per-x 0]
         [--raw-dir ../shared/data/physionet2012] [--work /tmp/data_scaling]
+        [--prepare-only] [--before-code /path/to/another/checkout]
         [--out benchmarks/results/data_scaling_cpu.json]
 
 Input at scale k: k replicas of the 12,000 real P12 records (sets a, b, c of 4,000k records each)
@@ -14,7 +15,10 @@ real stays'.
 
 Every measurement is a fresh subprocess whose own peak RSS comes from `os.wait4` (ru_maxrss of that
 child alone):
-- prepare: wall time and peak RSS of `python -m pipelines.prepare`;
+- prepare: wall time and peak RSS of `python -m pipelines.prepare`, beside `prepare_imports`
+  (a process that imports what prepare imports and reads nothing), so the data's own share is
+  visible; `--before-code DIR` also runs DIR's prepare (e.g. a checkout of an older commit) on
+  the same replicas (`prepare_before`) and says whether its files are the same;
 - worker data: what one data-parallel rank loads (its train shard `shard=(rank, world)` and all of
   validation, as fusemoe.loop.train builds them), for world 1 and for rank 0 of a 2-way shard, and
   a process that imports the same but loads nothing (baseline), so the data's own share is visible;
@@ -26,7 +30,8 @@ child alone):
   trained work still grows with k; the JSON gives seconds per training stay and per validation
   stay, and the full epoch they imply (validation is always the whole split).
 
-Results are written after every measurement (a partial run still leaves JSON) and merged with the
+`--prepare-only` measures prepare alone and keeps the worker and epoch figures already in `--out`
+for that scale. Results are written after every measurement (a partial run still leaves JSON) and merged with the
 scales already in `--out`, so scales can be run one at a time. Ratios are against 1x: "per_x" is
 ratio / k, so <= 1 means growth at most linear (a 10% margin is allowed for the shared machine's
 noise). The machine's load average is recorded with each measurement.
@@ -61,9 +66,11 @@ NOTES = [
     "Each rank decodes every row group of events.parquet and keeps only its stays' rows (a "
     "pyarrow filter while scanning: the shard's stays are spread over all row groups), so its "
     "memory follows its share and its decode CPU the whole file.",
-    "prepare parses P12 in chunks of ~16 MiB of records (PARSE_CHUNK_BYTES), but write_flexi "
-    "still validates and computes the train-only statistics on the whole events table, so "
-    "prepare's peak grows linearly with the events (about 0.1 KiB per event), not bounded.",
+    "prepare parses P12 in chunks of ~16 MiB of records (PARSE_CHUNK_BYTES, read from an "
+    "extracted set folder when the chunk is parsed), spills each chunk's events (13 B per event) "
+    "beside the output until the stays and their split are known, and then streams them through "
+    "write_flexi, which validates, sums the train-only statistics exactly and writes "
+    "events.parquet 256k rows at a time (EVENT_BATCH_ROWS): no process holds the events table.",
 ]
 
 DATA_CHILD = """
@@ -111,8 +118,9 @@ print(json.dumps({"wall_s": wall, "train_call_cpu_s": cpu["end"] - cpu["start"],
 
 
 def run_child(args: list[str], cwd: Path) -> dict:
-    """Runs `args` under nice; returns wall seconds, the child's own peak RSS and its JSON line."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    """Runs `args` under nice; returns wall seconds, the child's own peak RSS and its JSON line.
+    The child imports the code of `cwd` (this checkout, or --before-code)."""
+    env = {**os.environ, "PYTHONPATH": str(cwd), "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
         t0 = time.perf_counter()
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=so, stderr=se, text=True)
@@ -181,32 +189,81 @@ def build_replica(raw_dir: Path, dest: Path, k: int) -> dict:
     return info
 
 
-def measure_scale(k: int, args: argparse.Namespace, work: Path, save) -> dict:
-    raw = work / f"raw-{k}x"
-    flexi = work / f"flexi-{k}x"
-    entry: dict = {"scale": k}
-    entry["raw"] = build_replica(Path(args.raw_dir).resolve(), raw, k)
-    save(k, entry)
+IMPORTS_CHILD = "import pipelines.prepare, fusemoe.data.physionet2012, pyarrow.csv"
 
-    params = work / f"params-{k}x.yaml"
+
+def run_prepare(raw: Path, out: Path, params: Path, code: Path) -> dict:
+    """`python -m pipelines.prepare` of the checkout `code` on the replica `raw`."""
     params.write_text(
         "data:\n  source: physionet2012\n"
-        f"  download_dir: {raw}\n  out_dir: {flexi}\n  verify_digests: false\n"
+        f"  download_dir: {raw}\n  out_dir: {out}\n  verify_digests: false\n"
         "  split: [0.7, 0.15, 0.15]\n  seed: 0\n  los_threshold_days: 7\n"
     )
-    py = [sys.executable]
-    prep = run_child([*py, "-m", "pipelines.prepare", "--params", str(params)], REPO)
+    prep = run_child([sys.executable, "-m", "pipelines.prepare", "--params", str(params)], code)
     prep["summary"] = prep.pop("stdout_tail", [])
-    counts = json.loads((flexi / "manifest.json").read_text())["counts"]
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
     prep["stays"], prep["events"], prep["splits"] = (
         counts["stays"],
         counts["events"],
         counts["splits"],
     )
-    prep["events_parquet_mib"] = round((flexi / "events.parquet").stat().st_size / 2**20, 1)
+    prep["events_parquet_mib"] = round((out / "events.parquet").stat().st_size / 2**20, 1)
+    commit = subprocess.run(
+        ["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    prep["code"] = {"dir": str(code), "commit": commit.stdout.strip()}
+    return prep
+
+
+def same_output(a: Path, b: Path) -> dict:
+    """Are two prepared directories the same: Parquet files byte for byte, manifests equal but
+    for `norm`, whose mean/std may differ in the last digits but not as float32 (the model
+    normalises with float32 statistics)."""
+    import numpy as np
+
+    out = {
+        f: (a / f).read_bytes() == (b / f).read_bytes() for f in ("events.parquet", "stays.parquet")
+    }
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    na, nb = ma.pop("norm"), mb.pop("norm")
+    out["manifest_without_norm"] = ma == mb
+    pairs = [(na[m][v], nb[m][v]) for m in na for v in na[m]]
+    out["norm_float32"] = all(
+        x["count"] == y["count"]
+        and all(np.float32(x[k]) == np.float32(y[k]) for k in ("mean", "std"))
+        for x, y in pairs
+    )
+    out["norm_exact"] = all(x == y for x, y in pairs)
+    return out
+
+
+def measure_scale(k: int, args: argparse.Namespace, work: Path, save, previous: dict) -> dict:
+    raw = work / f"raw-{k}x"
+    flexi = work / f"flexi-{k}x"
+    entry: dict = {"scale": k, **(previous if args.prepare_only else {})}
+    entry["raw"] = build_replica(Path(args.raw_dir).resolve(), raw, k)
+    save(k, entry)
+
+    py = [sys.executable]
+    entry["prepare_imports"] = run_child([*py, "-c", IMPORTS_CHILD], REPO)
+    prep = run_prepare(raw, flexi, work / f"params-{k}x.yaml", REPO)
+    prep["data_share_mib"] = round(
+        prep["peak_rss_mib"] - entry["prepare_imports"]["peak_rss_mib"], 1
+    )
     entry["prepare"] = prep
     save(k, entry)
     print(f"{k}x prepare: {prep['wall_s']} s, peak {prep['peak_rss_mib']} MiB", flush=True)
+    if args.before_code:
+        before = work / f"flexi-before-{k}x"
+        b = run_prepare(raw, before, work / f"params-before-{k}x.yaml", Path(args.before_code))
+        b["same_output"] = same_output(flexi, before)
+        entry["prepare_before"] = b
+        shutil.rmtree(before, ignore_errors=True)
+        save(k, entry)
+        print(f"{k}x prepare before: {b['wall_s']} s, peak {b['peak_rss_mib']} MiB", flush=True)
+    if args.prepare_only:
+        return entry
+    counts = json.loads((flexi / "manifest.json").read_text())["counts"]
 
     entry["worker_data"] = {}
     for name, rank, world in (("baseline", 0, 0), ("world1", 0, 1), ("rank0_of_2", 0, 2)):
@@ -260,6 +317,9 @@ def ratios(scales: dict) -> dict:
         "prepare_wall_s": ("prepare", "wall_s"),
         "prepare_cpu_s": ("prepare", "cpu_s"),
         "prepare_peak_rss_mib": ("prepare", "peak_rss_mib"),
+        "prepare_data_share_mib": ("prepare", "data_share_mib"),
+        "prepare_before_cpu_s": ("prepare_before", "cpu_s"),
+        "prepare_before_peak_rss_mib": ("prepare_before", "peak_rss_mib"),
         "worker_world1_peak_rss_mib": ("worker_data", "world1", "peak_rss_mib"),
         "worker_world1_data_share_mib": ("worker_data", "world1", "data_share_mib"),
         "worker_rank0_of_2_peak_rss_mib": ("worker_data", "rank0_of_2", "peak_rss_mib"),
@@ -307,6 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-dir", default=str(REPO / "../shared/data/physionet2012"))
     parser.add_argument("--work", default="/tmp/data_scaling")
     parser.add_argument("--keep", action="store_true", help="keep each scale's raw and flexi dirs")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="measure prepare only (keeps the worker/epoch figures already in --out)",
+    )
+    parser.add_argument(
+        "--before-code",
+        default="",
+        help="also run the prepare of this checkout on the same replicas (prepare_before)",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/data_scaling_cpu.json"))
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -343,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(out, result)
 
     for k in args.scales:
-        measure_scale(k, args, work, save)
+        measure_scale(k, args, work, save, result["scales"].get(f"{k}x", {}))
         if not args.keep:
             shutil.rmtree(work / f"raw-{k}x", ignore_errors=True)
             shutil.rmtree(work / f"flexi-{k}x", ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from fusemoe.data.flexi import (
     EVENTS_FILE,
     STAYS_FILE,
     SUBJECT_COLUMN,
+    EventsNotGrouped,
     FlexiModalError,
     assign_splits,
     load_manifest,
@@ -48,14 +50,20 @@ def prepare(data: dict, params_file: str = "params.yaml") -> dict:
     if source == "physionet2012":
         from fusemoe.data.physionet2012 import read_physionet2012
 
-        stays, events, manifest = read_physionet2012(
-            data.get("download_dir") or DOWNLOAD_DIR,
-            split=split,
-            seed=seed,
-            los_threshold_days=threshold,
-            verify=bool(data.get("verify_digests", True)),
-        )
-        return write_flexi(out_dir, stays, events, manifest)
+        # The parsed events wait on disk beside the output until the stays are known, then
+        # stream through write_flexi: memory follows a parse chunk, not the data set.
+        parent = Path(out_dir).resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".prepare-events-", dir=parent) as spill:
+            stays, events, manifest = read_physionet2012(
+                data.get("download_dir") or DOWNLOAD_DIR,
+                split=split,
+                seed=seed,
+                los_threshold_days=threshold,
+                verify=bool(data.get("verify_digests", True)),
+                spill_dir=spill,
+            )
+            return write_flexi(out_dir, stays, events, manifest)
     if source == "synthetic":
         from fusemoe.data.synthetic import synthesize
 
@@ -78,7 +86,7 @@ def prepare(data: dict, params_file: str = "params.yaml") -> dict:
         if flexi_dir.resolve() == Path(out_dir).resolve():
             raise FlexiModalError(params_file, "data.flexi_dir and data.out_dir must differ")
         manifest = load_manifest(flexi_dir)
-        stays, events = read_tables(flexi_dir)
+        stays, events = read_tables(flexi_dir, batches=True)  # events read batch by batch
         embeddings = read_embeddings(flexi_dir, manifest)
         if "split" not in stays.column_names:
             binary = [t["column"] for t in manifest["tasks"] if t["kind"] == "binary"]
@@ -92,21 +100,23 @@ def prepare(data: dict, params_file: str = "params.yaml") -> dict:
         files = [STAYS_FILE, EVENTS_FILE] + [embedding_file(m) for m in embeddings]
         manifest["source_hashes"] = {name: sha256_file(flexi_dir / name) for name in files}
         names = (str(flexi_dir / STAYS_FILE), str(flexi_dir / EVENTS_FILE))
-        return write_flexi(
-            out_dir,
-            stays,
-            events,
-            manifest,
-            names=names,
-            embeddings=embeddings,
-            embedding_names={m: str(flexi_dir / embedding_file(m)) for m in embeddings},
-        )
+        kwargs = {
+            "names": names,
+            "embeddings": embeddings,
+            "embedding_names": {m: str(flexi_dir / embedding_file(m)) for m in embeddings},
+        }
+        try:
+            return write_flexi(out_dir, stays, events, manifest, **kwargs)
+        except EventsNotGrouped:  # rows not kept together by stay: checked as one table
+            events = read_tables(flexi_dir)[1]
+            return write_flexi(out_dir, stays, events, manifest, **kwargs)
     if source == "meds":
         from fusemoe.data.meds import read_meds
 
         stays, events, manifest = read_meds(data["meds"], split=split, seed=seed)
         names = ("stays (from MEDS labels)", "events (from MEDS data)")
-        return write_flexi(out_dir, stays, events, manifest, names=names)
+        # sorted by stay: streamed, so the checks' temporaries follow a batch
+        return write_flexi(out_dir, stays, events.to_batches(), manifest, names=names)
     raise FlexiModalError(params_file, f"data.source '{source}' is not one of {SOURCES}")
 
 

@@ -4,16 +4,21 @@ A FlexiModal directory holds `stays.parquet`, `events.parquet`, `manifest.json` 
 `embeddings/<modality>.parquet` per embedding modality (format in docs/FLEXIMODAL.md). Every reader (PhysioNet 2012, synthetic, a user's own files) ends in
 `write_flexi`, so every dataset passes the same validator and gets statistics computed the same way.
 Errors are `FlexiModalError` with a one-line message naming file, row/record, column and problem;
-rows are 0-based row numbers of the table.
+rows are 0-based row numbers of the table. Events may arrive as a stream of batches
+(`EventStream`): they are then checked, summarised and written batch by batch, so memory follows a
+batch and one stay, not the events table.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -323,7 +328,7 @@ def conform_types(table: pa.Table, schema: pa.Schema, file: str) -> tuple[pa.Tab
 
 def validate(
     stays: pa.Table,
-    events: pa.Table,
+    events: pa.Table | Iterable[pa.Table | pa.RecordBatch],
     manifest: dict,
     *,
     stays_file: str = STAYS_FILE,
@@ -334,18 +339,36 @@ def validate(
 ) -> None:
     """Strict check of a FlexiModal dataset; raises FlexiModalError on the first problem.
 
-    `embeddings` holds one table per embedding modality of the manifest (`embedding_files` names
-    them in errors; default `embeddings/<modality>.parquet`)."""
+    `events` is a table or a stream of batches as `write_flexi` takes them. `embeddings` holds
+    one table per embedding modality of the manifest (`embedding_files` names them in errors;
+    default `embeddings/<modality>.parquet`)."""
+    observed = _validate_stays_and_embeddings(
+        stays, manifest, stays_file, manifest_file, embeddings or {}, embedding_files
+    )
+    check = EventStream(stays, manifest, events_file, stays_file)
+    for batch in event_batches(events):
+        check.add(batch)
+    check.finish(observed)
+
+
+def _validate_stays_and_embeddings(
+    stays: pa.Table,
+    manifest: dict,
+    stays_file: str,
+    manifest_file: str,
+    embeddings: dict[str, pa.Table],
+    embedding_files: dict[str, str] | None,
+) -> np.ndarray:
+    """Everything but the events; returns which stays have an embedding vector."""
     check_manifest(manifest, manifest_file)
     _validate_stays(stays, manifest, stays_file)
-    embeddings = embeddings or {}
     files = _embedding_labels(manifest, embeddings, embedding_files)
     observed = np.zeros(stays.num_rows, dtype=bool)
     for m in embedding_modalities(manifest):
         observed |= validate_embedding(
             embeddings[m["name"]], m, stays, files[m["name"]], stays_file
         )
-    validate_events(events, stays, manifest, events_file, stays_file, observed=observed)
+    return observed
 
 
 def _embedding_labels(
@@ -563,6 +586,207 @@ def _validate_label(col: pa.ChunkedArray, task: dict, file: str) -> None:
         )
 
 
+# Events are checked, summarised and written EVENT_BATCH_ROWS rows at a time: the checks'
+# temporaries take about 0.1 KiB per row, so a batch costs tens of MiB whatever the table's size.
+EVENT_BATCH_ROWS = 1 << 18
+EVENTS_ROW_GROUP = 1 << 20  # rows per Parquet row group of events.parquet
+
+
+class EventsNotGrouped(FlexiModalError):
+    """A stream of event batches in which a stay's events resume after other stays' events.
+
+    A stream must keep each stay's rows together (any order inside a batch; a stay may run on
+    from the end of one batch into the next), which is what lets `EventStream` find repeats
+    while holding one batch and one stay. A whole table may be in any order."""
+
+
+def event_batches(
+    events: pa.Table | pd.DataFrame | Iterable[pa.Table | pa.RecordBatch],
+) -> Iterator[pa.Table]:
+    """`events` as tables: a table or DataFrame is one batch (it is in memory already, and may
+    be in any order); a stream's batches are cut into slices of at most EVENT_BATCH_ROWS rows."""
+    if isinstance(events, pd.DataFrame | pa.Table):
+        yield _as_table(events)
+        return
+    for batch in events:
+        if isinstance(batch, pa.RecordBatch):
+            batch = pa.Table.from_batches([batch])
+        for start in range(0, max(batch.num_rows, 1), EVENT_BATCH_ROWS):
+            yield batch.slice(start, EVENT_BATCH_ROWS)
+
+
+def _shifted(e: FlexiModalError, rows: int) -> FlexiModalError:
+    """`e` with its row counted from the start of the whole events table, not of the batch."""
+    if e.row is None or rows == 0:
+        return e
+    return type(e)(e.file, e.problem, row=e.row + rows, column=e.column)
+
+
+class EventStream:
+    """Validates events batch by batch against the manifest and the validated stays, and keeps
+    only what the statistics need: exact sums of the train split's values per variable, event
+    and stay counts per variable, and which stays have each series modality.
+
+    Two values of one (stay, variable, time) are found because each stay's rows are kept
+    together (see `EventsNotGrouped`): the rows of the stay the last batch ended with are
+    carried into the next batch's check, so memory follows one batch plus one stay, not the
+    table. Row numbers in errors count from the start of the whole table."""
+
+    def __init__(self, stays: pa.Table, manifest: dict, file: str, stays_file: str):
+        self.stays, self.manifest, self.file, self.stays_file = stays, manifest, file, stays_file
+        self.series = series_modalities(manifest)
+        self.variables = [(m["name"], v) for m in self.series for v in m["variables"]]
+        self.first_variable = np.cumsum([0] + [len(m["variables"]) for m in self.series])
+        self.stay_ids = stays.column("stay_id").combine_chunks().cast(pa.string())
+        self.train = np.asarray(stays.column("split").to_pylist(), dtype=object) == "train"
+        self.rows = 0
+        self.casts: dict[str, str] = {}
+        self.moments = _Moments(len(self.variables))
+        self.per_variable = np.zeros(len(self.variables), np.int64)  # events
+        self.stays_per_variable = np.zeros(len(self.variables), np.int64)
+        self.modality_of = np.repeat(np.arange(len(self.series)), np.diff(self.first_variable))
+        self.present = np.zeros((len(self.series), stays.num_rows), dtype=bool)
+        self.seen = np.zeros(stays.num_rows, dtype=bool)  # stays with an event so far
+        # (stay, variable, time, row) of the last stay's rows so far, and its variables
+        self.carry: tuple[np.ndarray, ...] | None = None
+        self.carry_variables = np.zeros(0, np.int64)
+
+    def add(self, events: pa.Table, conform: bool = False) -> pa.Table:
+        """Checks one batch (cast losslessly first when `conform`); returns it as checked."""
+        try:
+            if conform:
+                events, casts = conform_types(events, EVENTS_SCHEMA, self.file)
+                self.casts.update(casts)
+            stay, var, time, value = self._check(events)
+        except FlexiModalError as e:
+            raise _shifted(e, self.rows) from None
+        carried = self.carry[0][0] if self.carry is not None else -1
+        self._check_repeats(stay, var, time)
+        self.rows += events.num_rows
+        in_train = self.train[stay]
+        self.moments.add(var[in_train], value[in_train])
+        self.per_variable += np.bincount(var, minlength=len(self.variables))
+        self.present[self.modality_of[var], stay] = True
+        self._count_stays(stay, var, carried)
+        return events
+
+    def _count_stays(self, stay: np.ndarray, var: np.ndarray, carried: int) -> None:
+        """Stays per variable: the distinct (stay, variable) pairs of this batch, less those of
+        the stay carried over from the last batch that it already counted (a stream keeps each
+        stay's rows together, so no other stay can be counted twice)."""
+        if stay.size == 0:
+            return
+        width = len(self.variables)
+        pairs = np.unique(stay.astype(np.int64) * width + var)
+        pair_stay, pair_var = pairs // width, pairs % width
+        counted = (pair_stay == carried) & np.isin(pair_var, self.carry_variables)
+        self.stays_per_variable += np.bincount(pair_var[~counted], minlength=width)
+        last = pair_stay == stay[-1]
+        if stay[-1] == carried:
+            self.carry_variables = np.union1d(self.carry_variables, pair_var[last])
+        else:
+            self.carry_variables = pair_var[last]
+
+    def _check(self, events: pa.Table) -> tuple[np.ndarray, ...]:
+        """Row-wise checks of one batch; (stay row, variable index, time, value) of its rows."""
+        file, manifest, series = self.file, self.manifest, self.series
+        _check_columns(events, EVENTS_SCHEMA, file)
+        _check_no_nulls(events, file, EVENTS_SCHEMA.names)
+        time = _check_times(events, file)
+        value = _np(events.column("value"))
+        _check_finite(value, file, "value")
+
+        mod_codes, mod_dict = _strings(events.column("modality"))
+        known_mod = {m["name"]: k for k, m in enumerate(series)}
+        static_names = {m["name"] for m in manifest["modalities"] if m["kind"] == "static"}
+        mod_map = np.array([known_mod.get(m, -1) for m in mod_dict] + [-1], dtype=np.int64)
+        mod_idx = mod_map[mod_codes]
+        if (mod_idx < 0).any():
+            i = _first(mod_idx < 0)
+            name = mod_dict[mod_codes[i]]
+            embedding_names = {m["name"] for m in embedding_modalities(manifest)}
+            why = (
+                "is static (static values belong in stays.parquet)"
+                if name in static_names
+                else f"is an embedding modality (its vectors belong in {embedding_file(name)})"
+                if name in embedding_names
+                else "is not a series modality of the manifest"
+            )
+            raise FlexiModalError(file, f"modality '{name}' {why}", row=i, column="modality")
+        var_codes, var_dict = _strings(events.column("variable"))
+        index = np.full((len(series), len(var_dict)), -1, dtype=np.int64)  # -> self.variables
+        for k, m in enumerate(series):
+            at = {v: self.first_variable[k] + j for j, v in enumerate(m["variables"])}
+            index[k] = [at.get(v, -1) for v in var_dict]
+        var = index[mod_idx, var_codes]
+        if (var < 0).any():
+            i = _first(var < 0)
+            raise FlexiModalError(
+                file,
+                f"unknown variable '{var_dict[var_codes[i]]}' for modality "
+                f"'{series[mod_idx[i]]['name']}' (not in the manifest)",
+                row=i,
+                column="variable",
+            )
+        stay = _stay_rows(events, self.stays, file, self.stays_file)
+        return stay, var, time, value
+
+    def _check_repeats(self, stay: np.ndarray, var: np.ndarray, time: np.ndarray) -> None:
+        """Two values of one variable at the same time of a stay: the model's input holds one
+        value per (time, variable), so one of them would silently be lost."""
+        if stay.size == 0:
+            return
+        rows = np.arange(self.rows, self.rows + stay.size)
+        resumed = self.seen[stay]
+        if self.carry is not None:
+            resumed &= stay != self.carry[0][0]
+        if resumed.any():
+            i = _first(resumed)
+            raise EventsNotGrouped(
+                self.file,
+                f"events of stay '{self.stay_ids[stay[i]].as_py()}' resume after other stays' "
+                "(a stream of event batches must keep each stay's rows together)",
+                row=int(rows[i]),
+                column="stay_id",
+            )
+        self.seen[stay] = True
+        if self.carry is not None:
+            stay, var, time, rows = (
+                np.concatenate([c, x])
+                for c, x in zip(self.carry, (stay, var, time, rows), strict=True)
+            )
+        i = _first_repeat(stay, var, time)  # the carried stay's rows come first: table order
+        if i is not None:
+            modality, variable = self.variables[var[i]]
+            raise FlexiModalError(
+                self.file,
+                f"stay '{self.stay_ids[stay[i]].as_py()}' already has a value of {modality} "
+                f"'{variable}' at {time[i]} h (one value per variable and time; average or drop "
+                "repeats)",
+                row=int(rows[i]),
+                column="time_h",
+            )
+        last = stay == stay[-1]
+        self.carry = (stay[last], var[last], time[last], rows[last])
+
+    def finish(self, observed: np.ndarray | None = None) -> None:
+        """After the last batch: every stay needs an observation (an event, a static value, or
+        an embedding vector in `observed`)."""
+        has = self.seen.copy()
+        for v in static_variables(self.manifest):
+            has |= pc.is_valid(self.stays.column(v)).to_numpy(zero_copy_only=False)
+        if observed is not None:
+            has |= observed
+        if not has.all():
+            i = _first(~has)
+            raise FlexiModalError(
+                self.stays_file,
+                f"stay '{self.stay_ids[i].as_py()}' has no observations at all (no events, no "
+                "static values)",
+                row=i,
+            )
+
+
 def validate_events(
     events: pa.Table,
     stays: pa.Table,
@@ -571,74 +795,13 @@ def validate_events(
     stays_file: str,
     observed: np.ndarray | None = None,
 ) -> None:
-    """Events against the manifest and the (already validated) stays; `observed` marks stays
-    with observations elsewhere (embedding vectors), which need no event or static value."""
-    _check_columns(events, EVENTS_SCHEMA, file)
-    _check_no_nulls(events, file, EVENTS_SCHEMA.names)
-    time = _check_times(events, file)
-    _check_finite(_np(events.column("value")), file, "value")
-
-    series = series_modalities(manifest)
-    mod_codes, mod_dict = _strings(events.column("modality"))
-    known_mod = {m["name"]: k for k, m in enumerate(series)}
-    static_names = {m["name"] for m in manifest["modalities"] if m["kind"] == "static"}
-    mod_map = np.array([known_mod.get(m, -1) for m in mod_dict] + [-1], dtype=np.int64)
-    mod_idx = mod_map[mod_codes]
-    if (mod_idx < 0).any():
-        i = _first(mod_idx < 0)
-        name = mod_dict[mod_codes[i]]
-        embedding_names = {m["name"] for m in embedding_modalities(manifest)}
-        why = (
-            "is static (static values belong in stays.parquet)"
-            if name in static_names
-            else f"is an embedding modality (its vectors belong in {embedding_file(name)})"
-            if name in embedding_names
-            else "is not a series modality of the manifest"
-        )
-        raise FlexiModalError(file, f"modality '{name}' {why}", row=i, column="modality")
-    var_codes, var_dict = _strings(events.column("variable"))
-    allowed = np.zeros((len(series), len(var_dict)), dtype=bool)
-    for k, m in enumerate(series):
-        names = set(m["variables"])
-        allowed[k] = [v in names for v in var_dict]
-    ok = allowed[mod_idx, var_codes]
-    if not ok.all():
-        i = _first(~ok)
-        raise FlexiModalError(
-            file,
-            f"unknown variable '{var_dict[var_codes[i]]}' for modality '{series[mod_idx[i]]['name']}'"
-            " (not in the manifest)",
-            row=i,
-            column="variable",
-        )
-    pos_np = _stay_rows(events, stays, file, stays_file)
-    # Two values of one variable at the same time of a stay: the model's input holds one value per
-    # (time, variable), so one of them would silently be lost.
-    i = _first_repeat(pos_np, mod_idx * max(len(var_dict), 1) + var_codes, time)
-    if i is not None:
-        raise FlexiModalError(
-            file,
-            f"stay '{events.column('stay_id')[i].as_py()}' already has a value of "
-            f"{series[mod_idx[i]]['name']} '{var_dict[var_codes[i]]}' at {time[i]} h "
-            "(one value per variable and time; average or drop repeats)",
-            row=i,
-            column="time_h",
-        )
-    has_events = np.bincount(pos_np, minlength=stays.num_rows) > 0
-    has_static = np.zeros(stays.num_rows, dtype=bool)
-    for v in static_variables(manifest):
-        has_static |= pc.is_valid(stays.column(v)).to_numpy(zero_copy_only=False)
-    if observed is not None:
-        has_events |= observed
-    empty = ~(has_events | has_static)
-    if empty.any():
-        i = _first(empty)
-        sid = stays.column("stay_id")[i].as_py()
-        raise FlexiModalError(
-            stays_file,
-            f"stay '{sid}' has no observations at all (no events, no static values)",
-            row=i,
-        )
+    """Events (a table, or a stream as `write_flexi` takes it) against the manifest and the
+    (already validated) stays; `observed` marks stays with observations elsewhere (embedding
+    vectors), which need no event or static value."""
+    check = EventStream(stays, manifest, file, stays_file)
+    for batch in event_batches(events):
+        check.add(batch)
+    check.finish(observed)
 
 
 def _first_repeat(stay: np.ndarray, variable: np.ndarray, time: np.ndarray) -> int | None:
@@ -664,18 +827,35 @@ def _first_repeat(stay: np.ndarray, variable: np.ndarray, time: np.ndarray) -> i
     return int(order[1:][same].min()) if same.any() else None
 
 
-def read_tables(directory: str | os.PathLike) -> tuple[pa.Table, pa.Table]:
-    """Read stays and events Parquet files, turning read failures into FlexiModalError."""
+def read_tables(
+    directory: str | os.PathLike, *, batches: bool = False
+) -> tuple[pa.Table, pa.Table | Iterator[pa.RecordBatch]]:
+    """Read stays and events Parquet files, turning read failures into FlexiModalError.
+
+    With `batches`, events come as a stream of record batches of EVENT_BATCH_ROWS rows (the file
+    is opened here, so a missing or unreadable file is reported before anything is read)."""
     out = []
     for name in (STAYS_FILE, EVENTS_FILE):
         path = Path(directory) / name
         if not path.is_file():
             raise FlexiModalError(path, "file not found")
         try:
-            out.append(pq.read_table(path))
+            if batches and name == EVENTS_FILE:
+                out.append(_record_batches(pq.ParquetFile(path), path))
+            else:
+                out.append(pq.read_table(path))
         except (pa.ArrowException, OSError) as e:
             raise FlexiModalError(path, f"not a readable Parquet file ({e})") from None
     return out[0], out[1]
+
+
+def _record_batches(file: pq.ParquetFile, path: Path) -> Iterator[pa.RecordBatch]:
+    try:
+        yield from file.iter_batches(batch_size=EVENT_BATCH_ROWS)
+    except (pa.ArrowException, OSError) as e:
+        raise FlexiModalError(path, f"not a readable Parquet file ({e})") from None
+    finally:
+        file.close()
 
 
 def read_embeddings(directory: str | os.PathLike, manifest: dict) -> dict[str, pa.Table]:
@@ -726,33 +906,89 @@ def read_vectors(
 
 
 def validate_dir(directory: str | os.PathLike) -> dict:
-    """Validate a FlexiModal directory; returns its manifest."""
+    """Validate a FlexiModal directory, reading events.parquet batch by batch (as one table
+    when its rows do not keep each stay's events together); returns its manifest."""
     d = Path(directory)
     manifest = load_manifest(d)
-    stays, events = read_tables(d)
+    stays, events = read_tables(d, batches=True)
     embeddings = read_embeddings(d, manifest)
-    validate(
-        stays,
-        events,
-        manifest,
-        stays_file=str(d / STAYS_FILE),
-        events_file=str(d / EVENTS_FILE),
-        manifest_file=str(d / MANIFEST_FILE),
-        embeddings=embeddings,
-        embedding_files={m: str(d / embedding_file(m)) for m in embeddings},
-    )
+    labels = {
+        "stays_file": str(d / STAYS_FILE),
+        "events_file": str(d / EVENTS_FILE),
+        "manifest_file": str(d / MANIFEST_FILE),
+        "embeddings": embeddings,
+        "embedding_files": {m: str(d / embedding_file(m)) for m in embeddings},
+    }
+    try:
+        validate(stays, events, manifest, **labels)
+    except EventsNotGrouped:
+        validate(stays, read_tables(d)[1], manifest, **labels)
     return manifest
 
 
 # ----------------------------------------------------------------------------- statistics
 
 
+class _Moments:
+    """Exact count, sum and sum of squares of float32 values per group, added batch by batch.
+
+    A finite float32 is +-m * 2**(e - 150) with an integer m < 2**24 and an exponent field e,
+    so per (group, e) the sums of m (and of m**2, with m split in 12-bit halves) are sums of
+    integers, exact in int64. Mean and standard deviation follow from the exact totals with one
+    rounding each, so they do not depend on how the values were cut into batches or ordered."""
+
+    def __init__(self, groups: int):
+        self.count = np.zeros(groups, np.int64)
+        self.sums = np.zeros((4, groups * 256), np.int64)  # m, a*a, 2*a*b, b*b (m = a*4096 + b)
+
+    def add(self, group: np.ndarray, values: np.ndarray) -> None:
+        step = 1 << 27  # bincount adds float64: exact while a bin's sum stays below 2**53
+        for start in range(0, len(values), step):
+            g, bits = group[start : start + step], values[start : start + step]
+            bits = np.ascontiguousarray(bits, np.float32).view(np.uint32)
+            field = (bits >> 23) & 0xFF
+            m = (bits & 0x7FFFFF) | ((field > 0).astype(np.uint32) << 23)
+            bins = g.astype(np.int64) * 256 + np.maximum(field, 1)  # subnormals: scale of e=1
+            a, b = (m >> 12).astype(np.float64), (m & 0xFFF).astype(np.float64)
+            signed = np.where(bits >> 31, -1.0, 1.0) * m
+            n = self.sums.shape[1]
+            for k, w in enumerate((signed, a * a, 2 * a * b, b * b)):
+                self.sums[k] += np.bincount(bins, weights=w, minlength=n).astype(np.int64)
+            self.count += np.bincount(g, minlength=self.count.size)
+
+    def stats(self, group: int) -> dict:
+        """{mean, std, count}; std 1 when it is 0 (constant values) or there are no values."""
+        n = int(self.count[group])
+        if n == 0:
+            return {"mean": 0.0, "std": 1.0, "count": 0}
+        rows = self.sums[:, group * 256 : (group + 1) * 256]
+        total = squares = 0  # sum * 2**150 and sum of squares * 2**300, as exact integers
+        for e in np.flatnonzero(rows.any(axis=0)).tolist():
+            m, aa, ab2, bb = (int(x) for x in rows[:, e])
+            total += m << e
+            squares += ((aa << 24) + (ab2 << 12) + bb) << (2 * e)
+        mean = Fraction(total, n << 150)
+        std = _sqrt(Fraction(n * squares - total * total, (n * n) << 300))
+        return {"mean": float(mean), "std": std if std > 0 else 1.0, "count": n}
+
+
+def _sqrt(x: Fraction) -> float:
+    """The correctly rounded square root of a non-negative fraction: an integer square root
+    with 64+ bits, its last bit set when inexact so that float() rounds as the exact root."""
+    if x == 0:
+        return 0.0
+    k = max(0, 64 - (x.numerator.bit_length() - x.denominator.bit_length()) // 2)
+    scaled = (x.numerator << (2 * k)) // x.denominator
+    root = math.isqrt(scaled)
+    if root * root * x.denominator != x.numerator << (2 * k):
+        root |= 1
+    return float(Fraction(root, 1 << k))
+
+
 def _stats(values: np.ndarray) -> dict:
-    if values.size == 0:
-        return {"mean": 0.0, "std": 1.0, "count": 0}
-    v = values.astype(np.float64)
-    std = float(v.std())
-    return {"mean": float(v.mean()), "std": std if std > 0 else 1.0, "count": int(v.size)}
+    moments = _Moments(1)
+    moments.add(np.zeros(values.size, np.int64), values.astype(np.float32))
+    return moments.stats(0)
 
 
 def _rate(x: np.ndarray) -> float | None:
@@ -760,9 +996,13 @@ def _rate(x: np.ndarray) -> float | None:
 
 
 def compute_statistics(
-    stays: pa.Table, events: pa.Table, manifest: dict, embeddings: dict[str, pa.Table] | None = None
+    stays: pa.Table,
+    events: EventStream,
+    manifest: dict,
+    embeddings: dict[str, pa.Table] | None = None,
 ) -> dict:
-    """Derived manifest fields: norm (train split only), counts, label_rates, missingness.
+    """Derived manifest fields: norm (train split only), counts, label_rates, missingness, from
+    the stays and the summary `events` kept while they streamed past.
 
     Embedding modalities get counts and missingness but no norm: the model's embedding encoder
     layer-normalises each vector, so no per-dimension statistics are needed."""
@@ -770,26 +1010,22 @@ def compute_statistics(
     split_masks = {s: split == s for s in SPLITS}
     train = split_masks["train"]
     n = stays.num_rows
-    stay_pos = _np(pc.index_in(events.column("stay_id"), value_set=stays.column("stay_id")))
-    stay_pos = stay_pos.astype(np.int64)
-    mod_codes, mod_dict = _strings(events.column("modality"))
-    var_codes, var_dict = _strings(events.column("variable"))
-    values = _np(events.column("value"))
-    in_train = train[stay_pos]
 
     norm: dict[str, dict] = {}
     missingness: dict[str, dict] = {"modality": {}, "variable": {}}
     counts: dict = {
         "stays": n,
-        "events": events.num_rows,
+        "events": events.rows,
         "splits": {s: int(m.sum()) for s, m in split_masks.items()},
         "events_per_modality": {},
         "stays_with_modality": {},
     }
+    series_index = {m["name"]: k for k, m in enumerate(events.series)}
     for m in manifest["modalities"]:
         name = m["name"]
         norm[name] = {}
         missingness["variable"][name] = {}
+        present = np.zeros(n, dtype=bool)
         if m["kind"] == "embedding":
             del norm[name], missingness["variable"][name]
             table = (embeddings or {})[name]
@@ -797,7 +1033,6 @@ def compute_statistics(
             present = np.bincount(pos.astype(np.int64), minlength=n) > 0
             counts["events_per_modality"][name] = table.num_rows
         elif m["kind"] == "static":
-            present = np.zeros(n, dtype=bool)
             for v in m["variables"]:
                 col = stays.column(v)
                 valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
@@ -806,16 +1041,16 @@ def compute_statistics(
                 missingness["variable"][name][v] = _rate(~valid)
                 present |= valid
         else:
-            mcode = mod_dict.index(name) if name in mod_dict else -2
-            in_mod = mod_codes == mcode
-            present = np.bincount(stay_pos[in_mod], minlength=n) > 0
-            counts["events_per_modality"][name] = int(in_mod.sum())
-            for v in m["variables"]:
-                vcode = var_dict.index(v) if v in var_dict else -2
-                sel = in_mod & (var_codes == vcode)
-                norm[name][v] = _stats(values[sel & in_train])
-                has = np.bincount(stay_pos[sel], minlength=n) > 0
-                missingness["variable"][name][v] = _rate(~has)
+            k = series_index[name]
+            first = int(events.first_variable[k])
+            counts["events_per_modality"][name] = int(
+                events.per_variable[first : first + len(m["variables"])].sum()
+            )
+            for j, v in enumerate(m["variables"]):
+                norm[name][v] = events.moments.stats(first + j)
+                without = n - int(events.stays_per_variable[first + j])
+                missingness["variable"][name][v] = round(without / n, 6) if n else None
+            present = events.present[k]
         counts["stays_with_modality"][name] = int(present.sum())
         missingness["modality"][name] = {"all": _rate(~present)} | {
             s: _rate(~present[mask]) for s, mask in split_masks.items()
@@ -887,10 +1122,37 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+class _RowGroupWriter:
+    """Appends event batches to a ParquetWriter in row groups of exactly EVENTS_ROW_GROUP rows
+    (the last one smaller), so a file written batch by batch has the row groups, and for
+    batches sharing their dictionaries the bytes, of one written from the whole table."""
+
+    def __init__(self, writer: pq.ParquetWriter):
+        self.writer, self.pending, self.size, self.groups = writer, [], 0, 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.size += table.num_rows
+        while self.size >= EVENTS_ROW_GROUP:
+            self._write(EVENTS_ROW_GROUP)
+
+    def close(self) -> None:
+        if self.size or not self.groups:  # no events: one empty row group, as write_table
+            self._write(self.size)
+
+    def _write(self, rows: int) -> None:
+        table = pa.concat_tables(self.pending) if self.pending else EVENTS_SCHEMA.empty_table()
+        # one dictionary per column of a row group (index arrays rewritten, values not copied)
+        self.writer.write_table(table.slice(0, rows).unify_dictionaries())
+        self.groups += 1
+        rest = table.slice(rows)
+        self.pending, self.size = ([rest] if rest.num_rows else []), rest.num_rows
+
+
 def write_flexi(
     directory: str | os.PathLike,
     stays: pa.Table | pd.DataFrame,
-    events: pa.Table | pd.DataFrame,
+    events: pa.Table | pd.DataFrame | Iterable[pa.Table | pa.RecordBatch],
     manifest: dict,
     *,
     names: tuple[str, str] = ("stays (to write)", "events (to write)"),
@@ -900,21 +1162,23 @@ def write_flexi(
     """Cast losslessly, validate, complete the manifest (train-only norm etc.) and write
     atomically; returns the manifest.
 
+    `events` is a table (any row order) or a stream of tables/record batches that keeps each
+    stay's rows together (`EventsNotGrouped` otherwise): a stream is checked, summarised and
+    written batch by batch, so no more than a batch and one stay's events are in memory.
     `embeddings` holds one table (stay_id, time_h, vector) per embedding modality of the
     manifest. `names` and `embedding_names` label the tables in error messages (e.g. the user's
-    file paths). Output goes to a
-    temp dir beside the target, which then replaces the target by rename, so a failure at any
-    point leaves either the old directory or nothing, never a partial one.
+    file paths). Output goes to a temp dir beside the target, which then replaces the target by
+    rename, so a failure at any point leaves either the old directory or nothing, never a
+    partial one.
     """
-    stays, events = _as_table(stays), _as_table(events)
+    stays = _as_table(stays)
     manifest = json.loads(json.dumps(manifest))  # deep copy; also proves it is JSON-serialisable
     manifest["schema_version"] = SCHEMA_VERSION
     manifest.setdefault("source", "unknown")
     manifest.setdefault("source_hashes", {})
     check_manifest(manifest)
     stays, stays_casts = conform_types(stays, _stays_schema_of(stays, manifest), names[0])
-    events, events_casts = conform_types(events, EVENTS_SCHEMA, names[1])
-    casts = {STAYS_FILE: stays_casts, EVENTS_FILE: events_casts}
+    casts = {STAYS_FILE: stays_casts}
     embeddings = {m: _as_table(t) for m, t in (embeddings or {}).items()}
     labels = _embedding_labels(
         manifest,
@@ -926,26 +1190,16 @@ def write_flexi(
         embeddings[name], casts[embedding_file(name)] = conform_vectors(
             table, widths[name], labels[name]
         )
-    if any(casts.values()):  # recorded only when made, so exact-typed sources are unchanged
-        manifest["casts"] = {k: v for k, v in casts.items() if v}
-    validate(
-        stays,
-        events,
-        manifest,
-        stays_file=names[0],
-        events_file=names[1],
-        embeddings=embeddings,
-        embedding_files=labels,
+    observed = _validate_stays_and_embeddings(
+        stays, manifest, names[0], MANIFEST_FILE, embeddings, labels
     )
     stays = _normalise_stays(stays, manifest)
-    events = _normalise_events(events)
     embeddings = {
         m: pa.table({f.name: t.column(f.name) for f in embedding_schema(widths[m])}).cast(
             embedding_schema(widths[m])
         )
         for m, t in embeddings.items()
     }
-    manifest.update(compute_statistics(stays, events, manifest, embeddings))
 
     target = Path(directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -954,8 +1208,18 @@ def write_flexi(
     os.umask(umask)
     try:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like mkdir's
+        stream = EventStream(stays, manifest, names[1], names[0])
+        with pq.ParquetWriter(tmp / EVENTS_FILE, EVENTS_SCHEMA) as writer:
+            out = _RowGroupWriter(writer)
+            for batch in event_batches(events):
+                out.add(_normalise_events(stream.add(batch, conform=True)))
+            out.close()
+        stream.finish(observed)
+        casts[EVENTS_FILE] = stream.casts
+        if any(casts.values()):  # recorded only when made, so exact-typed sources are unchanged
+            manifest["casts"] = {k: v for k, v in casts.items() if v}
+        manifest.update(compute_statistics(stays, stream, manifest, embeddings))
         pq.write_table(stays, tmp / STAYS_FILE)
-        pq.write_table(events, tmp / EVENTS_FILE, row_group_size=1 << 20)
         files = [STAYS_FILE, EVENTS_FILE]
         for name, table in embeddings.items():
             (tmp / embedding_file(name)).parent.mkdir(exist_ok=True)
@@ -968,6 +1232,8 @@ def write_flexi(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        getattr(events, "close", lambda: None)()  # a generator's clean-up (e.g. spill files)
     return manifest
 
 

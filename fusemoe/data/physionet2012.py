@@ -43,6 +43,7 @@ import os
 import re
 import tarfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -149,14 +150,20 @@ def los_task_name(threshold_days: float) -> str:
 # ----------------------------------------------------------------------------- raw files
 
 
-def _set_files(raw_dir: Path, s: str) -> tuple[str, list[tuple[str, bytes]]]:
-    """(label for messages, [(file name, bytes)] in byte-sorted name order) of one set."""
+def _set_files(
+    raw_dir: Path, s: str, lazy: bool = False
+) -> tuple[str, list[tuple[str, bytes | Path]]]:
+    """(label for messages, [(file name, bytes)] in byte-sorted name order) of one set.
+
+    `lazy`: an extracted folder's files are given as paths instead of bytes, read when needed
+    (`_bytes`), so a set's records need not all be in memory at once; a tarball's are always
+    read (gzip has no random access; the published P12 sets are 25 MB each)."""
     folder, tarball = raw_dir / f"set-{s}", raw_dir / f"set-{s}.tar.gz"
-    files: list[tuple[str, bytes]] = []
+    files: list[tuple[str, bytes | Path]] = []
     if folder.is_dir():
         for p in folder.iterdir():
             if p.is_file():
-                files.append((p.name, p.read_bytes()))
+                files.append((p.name, p if lazy else p.read_bytes()))
         label = str(folder)
     elif tarball.is_file():
         label = str(tarball)
@@ -178,11 +185,15 @@ def _set_files(raw_dir: Path, s: str) -> tuple[str, list[tuple[str, bytes]]]:
     return label, files
 
 
-def content_digest(files: list[tuple[str, bytes]]) -> str:
+def _bytes(data: bytes | Path) -> bytes:
+    return data.read_bytes() if isinstance(data, Path) else data
+
+
+def content_digest(files: list[tuple[str, bytes | Path]]) -> str:
     """The README's per-set digest: independent of tar metadata and compression."""
     h = hashlib.sha256()
     for name, data in sorted(files, key=lambda f: f[0].encode()):
-        h.update(f"{hashlib.sha256(data).hexdigest()}  {name}\n".encode())
+        h.update(f"{hashlib.sha256(_bytes(data)).hexdigest()}  {name}\n".encode())
     return h.hexdigest()
 
 
@@ -220,7 +231,7 @@ def verify_raw_dir(
     raw = Path(raw_dir)
     try:
         for s in sets:
-            label, files = _set_files(raw, s)
+            label, files = _set_files(raw, s, lazy=True)
             _check_set(label, s, content_digest(files))
             del files
             outcomes = raw / f"Outcomes-{s}.txt"
@@ -423,37 +434,38 @@ def _clean_series(parsed: dict, cleaning: dict) -> dict:
 PARSE_CHUNK_BYTES = 16 << 20
 
 
-def _parse_records(label: str, files: list[tuple[str, bytes]], cleaning: dict) -> dict:
-    """`_parse_set` + `_clean_series` over chunks of about PARSE_CHUNK_BYTES of records,
-    concatenated: the one-pass result, with the compact dtypes the events table stores
-    (file i32, var i8, time_h f32, value f32) so the parts of all sets stay small."""
+def _parse_records(
+    label: str, files: list[tuple[str, bytes | Path]], cleaning: dict
+) -> Iterator[dict]:
+    """`_parse_set` + `_clean_series` over chunks of about PARSE_CHUNK_BYTES of records (read
+    only when their chunk is parsed): per chunk its records' names, ids and descriptors and its
+    events, with the compact dtypes the events table stores (file i32 counted from the set's
+    first record, var i8, time_h f32, value f32)."""
     records = [f for f in files if f[0].endswith(".txt")]
     if not records:
         raise FlexiModalError(label, "no <RecordID>.txt record files")
-    parts, start = [], 0
+    start = 0
     while start < len(records):
         stop, size = start, 0
         while stop < len(records) and (stop == start or size < PARSE_CHUNK_BYTES):
-            size += len(records[stop][1])
+            data = records[stop][1]
+            size += data.stat().st_size if isinstance(data, Path) else len(data)
             stop += 1
-        parsed = _parse_set(label, records[start:stop], cleaning)
+        chunk = [(name, _bytes(data)) for name, data in records[start:stop]]
+        parsed = _parse_set(label, chunk, cleaning)
+        del chunk
         c = _clean_series(parsed, cleaning)
-        parts.append(
-            {
-                "names": parsed["names"],
-                "ids": parsed["ids"],
-                "descriptors": parsed["descriptors"],
-                "file": (c["file"] + start).astype(np.int32),
-                "var": c["var"].astype(np.int8),
-                "time_h": (c["minute"] / 60.0).astype(np.float32),
-                "value": c["value"].astype(np.float32),
-            }
-        )
+        yield {
+            "names": parsed["names"],
+            "ids": parsed["ids"],
+            "descriptors": parsed["descriptors"],
+            "file": (c["file"] + start).astype(np.int32),
+            "var": c["var"].astype(np.int8),
+            "time_h": (c["minute"] / 60.0).astype(np.float32),
+            "value": c["value"].astype(np.float32),
+        }
         del parsed, c
         start = stop
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "names"}
-    out["names"] = [n for p in parts for n in p["names"]]
-    return out
 
 
 def _read_outcomes(path: Path, verify: bool) -> pd.DataFrame:
@@ -521,11 +533,17 @@ def read_physionet2012(
     seed: int = 0,
     los_threshold_days: float = 7.0,
     verify: bool = True,
-) -> tuple[pd.DataFrame, pa.Table, dict]:
+    spill_dir: str | os.PathLike | None = None,
+) -> tuple[pd.DataFrame, pa.Table | Iterator[pa.Table], dict]:
     """Raw P12 files -> (stays, events, manifest) ready for `write_flexi`.
 
     `verify` checks each set's content digest and each Outcomes file's SHA-256 against the
     published values (after parsing, so a malformed record gets its precise error first).
+    With `spill_dir` (an existing directory, which the caller removes), each parse chunk's
+    events go to a file there (13 bytes per event) and `events` is a stream of tables, one per
+    chunk, read back from it: the stays and their split need every record parsed first, and
+    this way neither the records nor the events are all in memory at once. Without it,
+    `events` is one table.
     """
     raw = Path(raw_dir)
     if not raw.is_dir():
@@ -541,14 +559,32 @@ def read_physionet2012(
         "static_implausible_nulled": {},
     }
     hashes: dict[str, str] = {}
-    stays_parts, event_parts = [], []
+    stays_parts: list[tuple[pd.DataFrame, np.ndarray]] = []
+    event_parts: list[dict | Path] = []  # per parse chunk: its arrays, or their spill file
+    with_series: list[np.ndarray] = []
     id_set: dict[int, str] = {}
     offset = 0
     for s in sets:
-        label, files = _set_files(raw, s)
+        label, files = _set_files(raw, s, lazy=True)
         digest = content_digest(files)
-        parsed = _parse_records(label, files, cleaning)
+        names, ids, descriptors = [], [], []
+        for part in _parse_records(label, files, cleaning):
+            names += part.pop("names")
+            ids.append(part.pop("ids"))
+            descriptors.append(part.pop("descriptors"))
+            part["file"] += np.int32(offset)
+            with_series.append(np.unique(part["file"]))
+            if spill_dir is not None:
+                path = Path(spill_dir) / f"events-{len(event_parts):05d}.npz"
+                np.savez(path, **{f"array_{k}": v for k, v in part.items()})
+                part = path
+            event_parts.append(part)
         del files
+        parsed = {
+            "names": names,
+            "ids": np.concatenate(ids),
+            "descriptors": np.concatenate(descriptors),
+        }
         for rid, name in zip(parsed["ids"], parsed["names"], strict=True):
             if rid in id_set:
                 raise FlexiModalError(
@@ -583,8 +619,6 @@ def read_physionet2012(
         st["los_gt"] = pd.array(np.where(np.isnan(los), pd.NA, los > los_threshold_days), "Int8")
         st["los_days"] = pd.array(los, "Float32")
         stays_parts.append((st, desc))
-        event_parts.append({k: parsed[k] for k in ("var", "time_h", "value")})
-        event_parts[-1]["file"] = parsed["file"] + np.int32(offset)
         offset += len(parsed["ids"])
 
     stays = pd.concat([p[0] for p in stays_parts], ignore_index=True)
@@ -595,29 +629,15 @@ def read_physionet2012(
     stays.insert(1, "subject_id", stays["stay_id"])  # P12 holds one ICU stay per patient
     stays.insert(1, "split", assign_splits(stays, split, seed, "ihm", group_col="subject_id"))
 
-    ev = {
-        k: np.concatenate([p[k] for p in event_parts]) for k in ("file", "var", "time_h", "value")
-    }
-    has_series = np.bincount(ev["file"], minlength=len(stays)) > 0
+    has_series = np.zeros(len(stays), dtype=bool)
+    has_series[np.concatenate(with_series)] = True
     cleaning["stays_without_series"] = int((~has_series).sum())
     cleaning["stays_without_series_ids"] = stays["stay_id"][~has_series].tolist()
     cleaning["los_unknown"] = int(stays["los_days"].isna().sum())
-    mod_names = list(MODALITIES)
-    mod_of_var = np.array([mod_names.index(m) for m in SERIES_MODALITY], np.int32)
     stay_ids = pa.array(stays["stay_id"].to_numpy(), pa.string())
-    events = pa.table(
-        {
-            "stay_id": pc.take(stay_ids, pa.array(ev["file"])),
-            "modality": pa.DictionaryArray.from_arrays(
-                pa.array(mod_of_var[ev["var"]], pa.int32()), pa.array(mod_names)
-            ),
-            "variable": pa.DictionaryArray.from_arrays(
-                pa.array(ev["var"].astype(np.int32)), pa.array(SERIES_VARS)
-            ),
-            "time_h": pa.array(ev["time_h"]),
-            "value": pa.array(ev["value"]),
-        }
-    )
+    events = _event_tables(event_parts, stay_ids)
+    if spill_dir is None:
+        events = pa.concat_tables(list(events)).combine_chunks()
     manifest = {
         "source": "physionet2012",
         "source_url": BASE_URL,
@@ -642,6 +662,29 @@ def read_physionet2012(
         "cleaning": cleaning,
     }
     return stays, events, manifest
+
+
+def _event_tables(parts: list[dict | Path], stay_ids: pa.Array) -> Iterator[pa.Table]:
+    """The events table of each parse chunk (its arrays, or its spill file read back)."""
+    mod_names = list(MODALITIES)
+    mod_of_var = np.array([mod_names.index(m) for m in SERIES_MODALITY], np.int32)
+    for part in parts:
+        if isinstance(part, Path):
+            with np.load(part) as saved:
+                part = {k.removeprefix("array_"): saved[k] for k in saved.files}
+        yield pa.table(
+            {
+                "stay_id": pc.take(stay_ids, pa.array(part["file"])),
+                "modality": pa.DictionaryArray.from_arrays(
+                    pa.array(mod_of_var[part["var"]], pa.int32()), pa.array(mod_names)
+                ),
+                "variable": pa.DictionaryArray.from_arrays(
+                    pa.array(part["var"].astype(np.int32)), pa.array(SERIES_VARS)
+                ),
+                "time_h": pa.array(part["time_h"]),
+                "value": pa.array(part["value"]),
+            }
+        )
 
 
 def _static_columns(stays: pd.DataFrame, desc: np.ndarray, cleaning: dict) -> pd.DataFrame:

@@ -363,6 +363,8 @@ def test_prepare_builds_physionet_layout_from_the_download_dir_only(tmp_path, mo
     out = capsys.readouterr().out
     assert out.startswith("prepare: physionet2012 -> ") and "12 stays" in out
     assert validate_dir(tmp_path / "out")["counts"]["stays"] == 12
+    # the parsed events waited beside the output and are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "params.yaml", "raw"]
 
 
 def test_prepare_flexi_source_validates_user_files_and_assigns_missing_splits(tmp_path, capsys):
