@@ -45,7 +45,6 @@ def test_summary_token_adds_one_token_and_a_router():
     assert m.encode(batch).shape == (3, sum(m.modality_tokens), 16)
 
 
-
 def test_summary_token_comes_after_the_embedding_and_static_tokens():
     # Series, then embedding modalities, then static, then the summary token: each has its own
     # modality embedding (the static one is 1 token, not an embedding modality's num_ref_points).
@@ -55,6 +54,7 @@ def test_summary_token_comes_after_the_embedding_and_static_tokens():
     with torch.no_grad():
         tokens = m.encode(collate(make_samples(spec, 3)))
     assert tokens.shape == (3, sum(m.modality_tokens), 16)
+
 
 def test_a_sample_scores_the_same_alone_and_in_any_batch_with_the_summary_token():
     m = model().eval()
