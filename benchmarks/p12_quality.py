@@ -85,6 +85,11 @@ CONFIGS: dict[str, Entry] = {
         "FuseMoE, softmax gate, per-modality routers, entropy regularizer",
         {"gate": "softmax", "router": "per_modality", "moe": True},
     ),
+    "fusemoe_gaussian": Entry(
+        "fusemoe",
+        "FuseMoE, Gaussian gate, per-modality routers, entropy regularizer",
+        {"gate": "gaussian", "router": "per_modality", "moe": True},
+    ),
     "dense": Entry(
         "fusemoe", "Same model, dense FFN instead of MoE (no-MoE baseline)", {"moe": False}
     ),
@@ -146,6 +151,18 @@ CONFIGS: dict[str, Entry] = {
         "FuseMoE, Laplace, per-modality; summary token, dropout 0.3, weight decay 0.05",
         {"gate": "laplace", "router": "per_modality", "summary_token": True, "dropout": 0.3},
         {"weight_decay": 0.05},
+    ),
+    "fusemoe_laplace_ema99": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; validated and saved weights = EMA (decay 0.99) of the steps",
+        {"gate": "laplace", "router": "per_modality"},
+        {"ema_decay": 0.99},
+    ),
+    "fusemoe_laplace_ema995": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; validated and saved weights = EMA (decay 0.995) of the steps",
+        {"gate": "laplace", "router": "per_modality"},
+        {"ema_decay": 0.995},
     ),
     "fusemoe_laplace_x5": Entry(
         "fusemoe",

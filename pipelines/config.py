@@ -199,6 +199,9 @@ class TrainConfig(Section):
     max_train_stays: Count = 0  # 0 = all
     modality_dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.0
     bucket_by_length: bool = False  # batches of similar length (less padding, other metrics)
+    ema_decay: Annotated[Float, Field(ge=0, lt=1)] = (
+        0.0  # EMA of the weights, validated and saved; 0 = off
+    )
     use_best_params: bool = False  # lay the tune stage's best_params.yaml over model/train
     run_name: str = "fusemoe"
     checkpoint_dir: str = "runs/train"
