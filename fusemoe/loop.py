@@ -34,6 +34,7 @@ from fusemoe.data.dataset import (
     dataset_spec,
     drop_modalities,
     length_batches,
+    standardise_regression,
 )
 from fusemoe.data.flexi import load_manifest
 from fusemoe.inference import predict
@@ -155,6 +156,8 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
 
     data_dir = str(cfg["data_dir"])  # a local path or a pyarrow URI (s3://...)
     spec = select_tasks(dataset_spec(load_manifest(data_dir)), list(tcfg["tasks"]))
+    spec = standardise_regression(spec, data_dir)  # saved with the model: it outputs days again
+    task_weights = dict(tcfg.get("task_weights") or {})
     # Each rank reads only its shard of the training stays.
     train_ds = FlexiModalDataset(
         data_dir,
@@ -248,7 +251,7 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         for batch in train_loader:
             batch = drop_modalities(batch_to(batch, device), modality_dropout)
             out = engine(batch)
-            loss = task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss
+            loss = task_loss(out.logits, batch["labels"], spec.tasks, task_weights) + out.aux_loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}")
             engine.backward(loss)
