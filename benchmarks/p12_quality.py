@@ -164,6 +164,55 @@ CONFIGS: dict[str, Entry] = {
         {"gate": "laplace", "router": "per_modality"},
         {"ema_decay": 0.995},
     ),
+    "fusemoe_laplace_ema99_cosine": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, 1 warmup epoch, cosine decay over 8 epochs",
+        {"gate": "laplace", "router": "per_modality"},
+        {"ema_decay": 0.99, "lr_schedule": "cosine", "warmup_epochs": 1},
+    ),
+    "fusemoe_laplace_ema99_lr5e4": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, lr 5e-4 for 12 epochs",
+        {"gate": "laplace", "router": "per_modality"},
+        {"ema_decay": 0.99, "lr": 0.0005, "epochs": 12},
+    ),
+    "fusemoe_laplace_ema99_ref48": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, 48 reference points (the paper's)",
+        {"gate": "laplace", "router": "per_modality", "num_ref_points": 48},
+        {"ema_decay": 0.99},
+    ),
+    "fusemoe_laplace_ema99_los": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, auxiliary length of stay (standardised, weight 0.3)",
+        {"gate": "laplace", "router": "per_modality"},
+        {"ema_decay": 0.99, "tasks": ["ihm", "los_days"], "task_weights": {"los_days": 0.3}},
+    ),
+    "fusemoe_laplace_ema99_cosine_los": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, cosine over 8 epochs (1 warmup), auxiliary "
+        "length of stay (standardised, weight 0.3)",
+        {"gate": "laplace", "router": "per_modality"},
+        {
+            "ema_decay": 0.99,
+            "lr_schedule": "cosine",
+            "warmup_epochs": 1,
+            "tasks": ["ihm", "los_days"],
+            "task_weights": {"los_days": 0.3},
+        },
+    ),
+    "fusemoe_laplace_los": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; auxiliary length of stay (standardised days, weight 0.3)",
+        {"gate": "laplace", "router": "per_modality"},
+        {"tasks": ["ihm", "los_days"], "task_weights": {"los_days": 0.3}},
+    ),
+    "fusemoe_laplace_losgt7": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; auxiliary length of stay > 7 days (binary, weight 0.3)",
+        {"gate": "laplace", "router": "per_modality"},
+        {"tasks": ["ihm", "los_gt7"], "task_weights": {"los_gt7": 0.3}},
+    ),
     "fusemoe_laplace_x5": Entry(
         "fusemoe",
         "Ensemble of 5 FuseMoE-Laplace models (seeds s + 1000 i), probabilities averaged",
