@@ -238,12 +238,12 @@ def baseline_tree(ref: str) -> Path:
     return dest / "tree"
 
 
-def run_one(tree: Path, args: argparse.Namespace, train_set: dict) -> dict:
+def run_one(tree: Path, args: argparse.Namespace, train_set: dict, threads: int) -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": str(tree),
-        "OMP_NUM_THREADS": str(args.threads),
-        "MKL_NUM_THREADS": str(args.threads),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
     }
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [
@@ -254,7 +254,7 @@ def run_one(tree: Path, args: argparse.Namespace, train_set: dict) -> dict:
             "--epochs",
             str(args.epochs),
             "--threads",
-            str(args.threads),
+            str(threads),
             "--data",
             args.data,
             "--max-train-stays",
@@ -302,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="processes per code tree")
     ap.add_argument("--epochs", type=int, default=2, help="epochs per process (first = warm-up)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (Ray: cpus_per_worker)")
+    ap.add_argument(
+        "--baseline-threads",
+        type=int,
+        help="torch threads of the baseline tree (default --threads): each tree at its default",
+    )
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--max-train-stays", type=int, default=0, help="0 = the whole train split")
     ap.add_argument("--out", default=str(OUT))
@@ -356,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": "params.yaml + best_params.yaml (train.epochs and max_train_stays overridden)",
         "epochs_per_process": args.epochs,
         "torch_threads": args.threads,
+        "baseline_torch_threads": args.baseline_threads or args.threads,
         "data": args.data,
         "baseline_ref": args.baseline_tree or args.baseline_ref,
         "current_commit": head + ("+uncommitted" if dirty else ""),
@@ -375,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             # Explicit either way, so the figures do not follow a change of the default.
             train_set = {"bucket_by_length": code not in UNBUCKETED} if code != "baseline" else {}
-            res = run_one(trees[code], args, train_set)
+            threads = args.threads
+            if code == "baseline" and args.baseline_threads:
+                threads = args.baseline_threads
+            res = run_one(trees[code], args, train_set, threads)
             res.update(code=code, rep=rep, wall_s=time.perf_counter() - t)
             result["runs"].append(res)
             result["summary"] = summarise(result["runs"])

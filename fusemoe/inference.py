@@ -53,6 +53,24 @@ def predict(
     }
 
 
+def merge_predictions(parts: list[dict]) -> dict:
+    """One ``predict`` result from those of disjoint shards (e.g. each rank's part of the
+    validation split), in the order given; expert usage is averaged over all their samples."""
+    parts = [p for p in parts if p["stay_id"]]  # a rank may have had no stays
+    if not parts:
+        raise ValueError("no predictions to merge: every part is empty")
+    merged: dict = {"stay_id": [s for p in parts for s in p["stay_id"]]}
+    for key in ("logits", "labels", "present"):
+        merged[key] = {k: np.concatenate([p[key][k] for p in parts]) for k in parts[0][key]}
+    if parts[0]["expert_usage"] is None:
+        merged["expert_usage"] = None
+    else:
+        counts = [len(p["stay_id"]) for p in parts]
+        usage = sum(p["expert_usage"] * n for p, n in zip(parts, counts, strict=True))
+        merged["expert_usage"] = usage / sum(counts)
+    return merged
+
+
 class NonFinitePrediction(ValueError):
     """A model output that is NaN or infinite (e.g. from an extreme input value): never written."""
 

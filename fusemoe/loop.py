@@ -37,7 +37,7 @@ from fusemoe.data.dataset import (
     standardise_regression,
 )
 from fusemoe.data.flexi import load_manifest
-from fusemoe.inference import predict
+from fusemoe.inference import merge_predictions, predict
 from fusemoe.metrics import task_metrics
 from fusemoe.model_io import build_model, save_model
 from fusemoe.nn.losses import task_loss
@@ -165,7 +165,12 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         max_stays=int(tcfg.get("max_train_stays", 0)),
         shard=(rank, world),
     )
-    val_ds = FlexiModalDataset(data_dir, "val")
+    # Validation is split over the ranks and the predictions gathered (a sample's prediction
+    # does not depend on its batch, so the metrics are the whole split's). With sharded experts
+    # every rank must run the same all-to-alls, so each scores the whole split instead.
+    ep_size = int(dcfg.get("ep_size", 1))
+    val_shard = (rank, world) if ep_size == 1 else (0, 1)
+    val_ds = FlexiModalDataset(data_dir, "val", shard=val_shard)
     bs = int(tcfg["batch_size"])
     sampler = ShardBatches(
         len(train_ds),
@@ -178,8 +183,7 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     train_loader = DataLoader(
         Batches(train_ds), sampler=sampler, batch_size=None, collate_fn=as_batch
     )
-    # Every rank scores the whole validation set so expert-parallel all-to-alls stay in step;
-    # in order of length, which only cuts padding (a prediction does not depend on its batch).
+    # In order of length, which only cuts padding (a prediction does not depend on its batch).
     val_loader = DataLoader(
         Batches(val_ds),
         sampler=length_batches(val_ds.num_rows(), bs * 2),
@@ -188,7 +192,6 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     )
 
     model = build_model(cfg["model"], spec)
-    ep_size = int(dcfg.get("ep_size", 1))
     if ep_size > 1:
         from fusemoe.parallel.expert_parallel import apply_expert_parallel
 
@@ -267,6 +270,10 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
                     routing_acc[k] = routing_acc.get(k, 0.0) + float(v)
         train_s = time.perf_counter() - t0
         pred = predict(scored, val_loader, device)
+        if val_shard[1] > 1:
+            parts: list = [None] * world
+            dist.all_gather_object(parts, pred)
+            pred = merge_predictions(parts)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": total / max(n_batches, 1),

@@ -77,11 +77,20 @@ def decide(
         if is_better(challenger_metric, champion_metric, metric, min_improvement)
         else "does not beat"
     )
+    challenger_s, champion_s = distinct_digits(challenger_metric, champion_metric)
     return make(
         verdict == "beats",
-        f"{metric} {challenger_metric:.4f} {verdict} champion {champion_metric:.4f} "
+        f"{metric} {challenger_s} {verdict} champion {champion_s} "
         f"by more than {min_improvement} ({direction} is better)",
     )
+
+
+def distinct_digits(a: float, b: float, digits: int = 4) -> tuple[str, str]:
+    """``a`` and ``b`` with at least ``digits`` decimals and as many more (up to 10) as it takes
+    for unequal values to print unequally: "0.88839 beats 0.88836", never "0.8884 beats 0.8884"."""
+    while a != b and digits < 10 and f"{a:.{digits}f}" == f"{b:.{digits}f}":
+        digits += 1
+    return f"{a:.{digits}f}", f"{b:.{digits}f}"
 
 
 def champion(client, name: str):

@@ -169,7 +169,8 @@ class FlexiModalDataset(Dataset):
         only_kept = (
             None
             if split in (None, "all") and world == 1
-            else pc.field("stay_id").isin(stays.column("stay_id"))
+            # combine_chunks: an empty shard's ids must stay a typed (string) value set
+            else pc.field("stay_id").isin(stays.column("stay_id").combine_chunks())
         )
         events = pq.read_table(
             f"{path}/{EVENTS_FILE}",
@@ -248,7 +249,9 @@ class FlexiModalDataset(Dataset):
             )
 
         stay_codes, stay_dict = _codes(events.column("stay_id"))
-        local = pc.index_in(pa.array(stay_dict, pa.string()), value_set=pa.array(self.stay_ids))
+        local = pc.index_in(
+            pa.array(stay_dict, pa.string()), value_set=pa.array(self.stay_ids, pa.string())
+        )
         stay = local.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)[stay_codes]
         keep = stay >= 0
         mod_codes, mod_dict = _codes(events.column("modality"))

@@ -102,6 +102,20 @@ class ModelOutput:
     routing: dict[str, Tensor] = field(default_factory=dict)  # detached stats for logging
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the mask drawn as ``rand >= p``: the same distribution, but on CPU
+    ``torch.rand`` fills the mask twice as fast as the ``bernoulli_`` that ``F.dropout`` uses
+    (three dropouts over [B, S, d] were 6% of a training step)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p == 1.0:
+            return x * 0.0
+        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the tokens of each sample ([B, S, d]; no cross-sample op).
 
@@ -117,7 +131,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, s, d = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        # Strided [b, h, s, dh] views of q, k, v; a permute of the packed qkv first would copy it.
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, s, 3, self.n_heads, -1).unbind(2))
         y = F.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, s, d))
 
@@ -145,7 +160,7 @@ class Block(nn.Module):
             )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.expert_hidden)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEOutput | None]:
         x = x + self.drop(self.attn(self.ln1(x)))
@@ -209,7 +224,7 @@ class FuseMoE(nn.Module):
         )
         self.modality_tokens += [1] if self.summary_encoder is not None else []
         self.modality_embed = nn.ModuleList(ModalityTokens(n, d) for n in self.modality_tokens)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, self.modality_tokens) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
         self.heads = nn.ModuleDict({name: nn.Linear(d, n) for name, _, n in self.tasks})

@@ -32,7 +32,11 @@ class Time2Vec(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         t = (t.float() / self.scale_h).to(self.linear.weight.dtype).unsqueeze(-1)
-        return torch.cat([self.linear(t), torch.sin(self.periodic(t))], dim=-1)
+        # Both linears at once as one broadcast multiply-add: on [N, 1] inputs nn.Linear is a
+        # GEMM with an inner dimension of 1, slower than this elementwise op.
+        weight = torch.cat([self.linear.weight, self.periodic.weight]).view(-1)
+        z = torch.addcmul(torch.cat([self.linear.bias, self.periodic.bias]), t, weight)
+        return torch.cat([z[..., :1], torch.sin(z[..., 1:])], dim=-1)
 
 
 class MTANDEncoder(nn.Module):
@@ -107,7 +111,10 @@ class MTANDEncoder(nn.Module):
 
         # Attention over the sample's observation times (rows where any variable was observed).
         row = (mask.sum(-1) > 0)[:, None, None, :]  # [B, 1, 1, L]
-        attn = _masked_softmax(scores, row, dim=3)  # [B, h, T, L]
+        # A sample with no observation at all gets uniform weights here, not the zeros of
+        # _masked_softmax, but they only ever multiply its all-zero mask and values below, so
+        # its features are exactly 0 either way, without a pass over [B, h, T, L] to zero them.
+        attn = scores.masked_fill(~row, -1e30).softmax(dim=3)  # [B, h, T, L]
         # Per-variable softmax = the row softmax restricted to v's rows and renormalised, so it is
         # computed without materialising [B, h, T, L, V]: numerator and normaliser per variable.
         # One product for both: [mask | values * mask] -> [density | numerator].

@@ -8,6 +8,7 @@ what it reported to a JSON-lines event log in tmp_path, which the tests read bac
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -174,6 +175,28 @@ def test_two_workers_merge_every_ranks_checkpoint_and_only_rank_0_logs_to_mlflow
     for name in ("train_loss", "val_auroc_ihm"):
         steps = [m.step for m in client.get_metric_history(run_id, name)]
         assert sorted(steps) == list(range(1, EPOCHS + 1)), f"{name} logged once per epoch"
+
+
+def test_two_workers_split_validation_yet_report_the_metrics_of_the_whole_split(
+    two_workers, data_dir
+):
+    """Each rank scores half of the validation stays; the gathered metrics equal a re-scoring
+    of the saved model over the whole split in one process."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from fusemoe.data.dataset import FlexiModalDataset, collate
+    from fusemoe.inference import predict
+    from fusemoe.metrics import task_metrics
+    from fusemoe.model_io import load_model
+
+    model, spec = load_model(two_workers["best_dir"] / "model")
+    val = DataLoader(FlexiModalDataset(data_dir, "val"), batch_size=64, collate_fn=collate)
+    rescored = task_metrics(predict(model, val, torch.device("cpu")), spec, "val")
+    best = json.loads((two_workers["best_dir"] / "train_state.json").read_text())["history"]
+    reported = best[-1]
+    for name in ("val_auroc_ihm", "val_auprc_ihm", "val_brier_ihm"):
+        assert reported[name] == pytest.approx(rescored[name], abs=1e-6), name
 
 
 def test_an_expert_parallel_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(

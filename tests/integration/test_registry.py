@@ -133,6 +133,12 @@ def test_decide_requires_strict_improvement_over_margin():
     assert decide(METRIC, 0.8101, 0.05, 0.80, 0.01, 0.2).promote
 
 
+def test_decision_prints_a_close_challenger_and_champion_with_enough_digits_to_differ():
+    reason = decide(METRIC, 0.888392, 0.05, 0.888361, 0.0, 0.2).reason
+    assert "0.88839 beats champion 0.88836" in reason, reason
+    assert "0.8000 does not beat champion 0.8000" in decide(METRIC, 0.8, 0.05, 0.8, 0.0, 0.2).reason
+
+
 def test_champion_whose_run_lacks_the_registry_metric_is_not_replaced(client):
     # The champion was chosen under another registry.metric; its run has no AUPRC to compare.
     v1 = new_version(client, 0.80)

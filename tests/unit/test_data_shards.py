@@ -126,3 +126,11 @@ def test_length_bucketed_batches_are_seeded_by_epoch_and_mix_lengths_across_the_
 def test_lengths_must_match_the_shard():
     with pytest.raises(ValueError, match="3 lengths for a shard of 4 stays"):
         ShardBatches(4, 2, 2, seed=0, lengths=np.ones(3))
+
+
+def test_a_rank_with_more_ranks_than_validation_stays_gets_an_empty_shard(data_dir):
+    # Validation is split over the ranks; with more ranks than stays some shards are empty.
+    val = FlexiModalDataset(data_dir, "val")
+    world = len(val) + 1
+    empty = FlexiModalDataset(data_dir, "val", shard=(world - 1, world))
+    assert len(empty) == 0 and empty.split_size == len(val)

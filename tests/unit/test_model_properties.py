@@ -364,3 +364,19 @@ def test_mtand_count_features_tell_sparse_from_dense_sampling():
     torch.testing.assert_close(sparse, dense)
     sparse, dense = encode_both(count_features=True)
     assert (sparse - dense).abs().max().item() > 1e-3
+
+
+def test_dropout_keeps_a_value_with_probability_one_minus_p_and_rescales_it():
+    from fusemoe.nn.model import Dropout
+
+    drop = Dropout(0.25)
+    torch.manual_seed(0)
+    y = drop(torch.ones(200_000))
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005  # 0.005 is ~5 standard errors
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    x = torch.randn(5, 3, requires_grad=True)
+    drop(x).sum().backward()  # the gradient is the same mask, rescaled
+    assert set(x.grad.unique().tolist()) <= {0.0, torch.tensor(1 / 0.75).item()}
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))
