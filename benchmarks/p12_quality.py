@@ -213,6 +213,12 @@ CONFIGS: dict[str, Entry] = {
         {"gate": "laplace", "router": "per_modality"},
         {"tasks": ["ihm", "los_gt7"], "task_weights": {"los_gt7": 0.3}},
     ),
+    "fusemoe_laplace_bucketed": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; training batches bucketed by length",
+        {"gate": "laplace", "router": "per_modality"},
+        {"bucket_by_length": True},
+    ),
     "fusemoe_laplace_x5": Entry(
         "fusemoe",
         "Ensemble of 5 FuseMoE-Laplace models (seeds s + 1000 i), probabilities averaged",
