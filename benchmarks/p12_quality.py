@@ -213,6 +213,20 @@ CONFIGS: dict[str, Entry] = {
         {"gate": "laplace", "router": "per_modality"},
         {"tasks": ["ihm", "los_gt7"], "task_weights": {"los_gt7": 0.3}},
     ),
+    "fusemoe_laplace_wide_ema99_cosine": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; d 128, 8 heads, 32 reference points, expert hidden 256; "
+        "EMA 0.99, cosine over 8 epochs (1 warmup)",
+        {
+            "gate": "laplace",
+            "router": "per_modality",
+            "d_model": 128,
+            "n_heads": 8,
+            "num_ref_points": 32,
+            "expert_hidden": 256,
+        },
+        {"ema_decay": 0.99, "lr_schedule": "cosine", "warmup_epochs": 1},
+    ),
     "fusemoe_laplace_bucketed": Entry(
         "fusemoe",
         "FuseMoE, Laplace, per-modality; training batches bucketed by length",
