@@ -227,6 +227,20 @@ CONFIGS: dict[str, Entry] = {
         },
         {"ema_decay": 0.99, "lr_schedule": "cosine", "warmup_epochs": 1},
     ),
+    "fusemoe_laplace_ema99_cosine_los_bucketed": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, cosine, auxiliary length of stay (0.3), "
+        "training batches bucketed by length",
+        {"gate": "laplace", "router": "per_modality"},
+        {
+            "ema_decay": 0.99,
+            "lr_schedule": "cosine",
+            "warmup_epochs": 1,
+            "tasks": ["ihm", "los_days"],
+            "task_weights": {"los_days": 0.3},
+            "bucket_by_length": True,
+        },
+    ),
     "fusemoe_laplace_bucketed": Entry(
         "fusemoe",
         "FuseMoE, Laplace, per-modality; training batches bucketed by length",
