@@ -85,6 +85,11 @@ CONFIGS: dict[str, Entry] = {
         "FuseMoE, softmax gate, per-modality routers, entropy regularizer",
         {"gate": "softmax", "router": "per_modality", "moe": True},
     ),
+    "fusemoe_gaussian": Entry(
+        "fusemoe",
+        "FuseMoE, Gaussian gate, per-modality routers, entropy regularizer",
+        {"gate": "gaussian", "router": "per_modality", "moe": True},
+    ),
     "dense": Entry(
         "fusemoe", "Same model, dense FFN instead of MoE (no-MoE baseline)", {"moe": False}
     ),
@@ -146,6 +151,101 @@ CONFIGS: dict[str, Entry] = {
         "FuseMoE, Laplace, per-modality; summary token, dropout 0.3, weight decay 0.05",
         {"gate": "laplace", "router": "per_modality", "summary_token": True, "dropout": 0.3},
         {"weight_decay": 0.05},
+    ),
+    "fusemoe_laplace_ema99": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; validated and saved weights = EMA (decay 0.99) of the steps",
+        {"gate": "laplace", "router": "per_modality"},
+        {"ema_decay": 0.99},
+    ),
+    "fusemoe_laplace_ema995": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; validated and saved weights = EMA (decay 0.995) of the steps",
+        {"gate": "laplace", "router": "per_modality"},
+        {"ema_decay": 0.995},
+    ),
+    "fusemoe_laplace_ema99_cosine": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, 1 warmup epoch, cosine decay over 8 epochs",
+        {"gate": "laplace", "router": "per_modality"},
+        {"ema_decay": 0.99, "lr_schedule": "cosine", "warmup_epochs": 1},
+    ),
+    "fusemoe_laplace_ema99_lr5e4": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, lr 5e-4 for 12 epochs",
+        {"gate": "laplace", "router": "per_modality"},
+        {"ema_decay": 0.99, "lr": 0.0005, "epochs": 12},
+    ),
+    "fusemoe_laplace_ema99_ref48": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, 48 reference points (the paper's)",
+        {"gate": "laplace", "router": "per_modality", "num_ref_points": 48},
+        {"ema_decay": 0.99},
+    ),
+    "fusemoe_laplace_ema99_los": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, auxiliary length of stay (standardised, weight 0.3)",
+        {"gate": "laplace", "router": "per_modality"},
+        {"ema_decay": 0.99, "tasks": ["ihm", "los_days"], "task_weights": {"los_days": 0.3}},
+    ),
+    "fusemoe_laplace_ema99_cosine_los": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, cosine over 8 epochs (1 warmup), auxiliary "
+        "length of stay (standardised, weight 0.3)",
+        {"gate": "laplace", "router": "per_modality"},
+        {
+            "ema_decay": 0.99,
+            "lr_schedule": "cosine",
+            "warmup_epochs": 1,
+            "tasks": ["ihm", "los_days"],
+            "task_weights": {"los_days": 0.3},
+        },
+    ),
+    "fusemoe_laplace_los": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; auxiliary length of stay (standardised days, weight 0.3)",
+        {"gate": "laplace", "router": "per_modality"},
+        {"tasks": ["ihm", "los_days"], "task_weights": {"los_days": 0.3}},
+    ),
+    "fusemoe_laplace_losgt7": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; auxiliary length of stay > 7 days (binary, weight 0.3)",
+        {"gate": "laplace", "router": "per_modality"},
+        {"tasks": ["ihm", "los_gt7"], "task_weights": {"los_gt7": 0.3}},
+    ),
+    "fusemoe_laplace_wide_ema99_cosine": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; d 128, 8 heads, 32 reference points, expert hidden 256; "
+        "EMA 0.99, cosine over 8 epochs (1 warmup)",
+        {
+            "gate": "laplace",
+            "router": "per_modality",
+            "d_model": 128,
+            "n_heads": 8,
+            "num_ref_points": 32,
+            "expert_hidden": 256,
+        },
+        {"ema_decay": 0.99, "lr_schedule": "cosine", "warmup_epochs": 1},
+    ),
+    "fusemoe_laplace_ema99_cosine_los_bucketed": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, cosine, auxiliary length of stay (0.3), "
+        "training batches bucketed by length",
+        {"gate": "laplace", "router": "per_modality"},
+        {
+            "ema_decay": 0.99,
+            "lr_schedule": "cosine",
+            "warmup_epochs": 1,
+            "tasks": ["ihm", "los_days"],
+            "task_weights": {"los_days": 0.3},
+            "bucket_by_length": True,
+        },
+    ),
+    "fusemoe_laplace_bucketed": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; training batches bucketed by length",
+        {"gate": "laplace", "router": "per_modality"},
+        {"bucket_by_length": True},
     ),
     "fusemoe_laplace_x5": Entry(
         "fusemoe",

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from fusemoe.data.dataset import (
@@ -33,6 +34,7 @@ from fusemoe.data.dataset import (
     dataset_spec,
     drop_modalities,
     length_batches,
+    standardise_regression,
 )
 from fusemoe.data.flexi import load_manifest
 from fusemoe.inference import merge_predictions, predict
@@ -41,6 +43,9 @@ from fusemoe.model_io import build_model, save_model
 from fusemoe.nn.losses import task_loss
 
 STATE_FILE = "train_state.json"
+# The EMA of the weights (train.ema_decay > 0), one file per rank (expert-parallel ranks hold
+# different experts), so a resumed run averages on exactly where it stopped.
+EMA_FILE = "ema_rank{rank}.pt"
 
 Report = Callable[[dict, Path], None]
 
@@ -81,6 +86,18 @@ def lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, schedule, warmup)
     )
+
+
+def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of `model`'s parameters, updated after every optimizer step
+    (``ema = decay * ema + (1 - decay) * weights``; the first update copies the weights), or None
+    for ``decay == 0``. Validation and the saved model use it: averaging the late steps smooths
+    the epoch-to-epoch noise of the validation metric that picking one epoch would keep."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"train.ema_decay={decay}: expected 0 (off) or a decay in (0, 1)")
+    if decay == 0.0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 def select_tasks(spec: DataSpec, names: list[str]) -> DataSpec:
@@ -139,6 +156,8 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
 
     data_dir = str(cfg["data_dir"])  # a local path or a pyarrow URI (s3://...)
     spec = select_tasks(dataset_spec(load_manifest(data_dir)), list(tcfg["tasks"]))
+    spec = standardise_regression(spec, data_dir)  # saved with the model: it outputs days again
+    task_weights = dict(tcfg.get("task_weights") or {})
     # Each rank reads only its shard of the training stays.
     train_ds = FlexiModalDataset(
         data_dir,
@@ -198,10 +217,19 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         # buckets, all-reduce them over the one-rank group and copy them back, each step.
         engine.enable_backward_allreduce = False
 
+    ema_decay = float(tcfg.get("ema_decay", 0.0))
+    if ema_decay and ep_size > 1:
+        # AveragedModel deep-copies the module, and an expert-parallel one holds process groups.
+        raise ValueError(f"train.ema_decay={ema_decay} needs deepspeed.ep_size 1, not {ep_size}")
+    ema = weight_average(engine.module, ema_decay)
+    scored = engine.module if ema is None else ema.module  # what validation and saving see
     start_epoch, history = 0, []
     if restore_dir is not None:
         engine.load_checkpoint(str(restore_dir), tag="ckpt")
         state = json.loads((Path(restore_dir) / STATE_FILE).read_text())
+        if ema is not None:
+            ema_file = Path(restore_dir) / EMA_FILE.format(rank=rank)
+            ema.load_state_dict(torch.load(ema_file, map_location=device, weights_only=True))
         start_epoch, history = state["epoch"] + 1, state["history"]
         log(f"[rank {rank}] resumed from {restore_dir} after epoch {state['epoch'] + 1}")
         if start_epoch >= epochs:
@@ -226,11 +254,14 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         for batch in train_loader:
             batch = drop_modalities(batch_to(batch, device), modality_dropout)
             out = engine(batch)
-            loss = task_loss(out.logits, batch["labels"], spec.tasks) + out.aux_loss
+            loss = task_loss(out.logits, batch["labels"], spec.tasks, task_weights) + out.aux_loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}")
             engine.backward(loss)
+            steps = engine.global_steps
             engine.step()
+            if ema is not None and engine.global_steps > steps:  # an optimizer step was taken
+                ema.update_parameters(engine.module)
             total += float(loss.detach())
             n_batches += 1
             n_samples += len(batch["stay_id"])
@@ -238,7 +269,7 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
                 if v.numel() == 1:
                     routing_acc[k] = routing_acc.get(k, 0.0) + float(v)
         train_s = time.perf_counter() - t0
-        pred = predict(engine.module, val_loader, device)
+        pred = predict(scored, val_loader, device)
         if val_shard[1] > 1:
             parts: list = [None] * world
             dist.all_gather_object(parts, pred)
@@ -264,7 +295,9 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         with tempfile.TemporaryDirectory(prefix="fusemoe-ckpt-") as tmp:
             ckpt = Path(tmp)
             engine.save_checkpoint(str(ckpt), tag="ckpt")  # expert shards: one file per expert
-            full_state = _full_state_dict(engine.module, ep_size)  # a collective under EP
+            if ema is not None:
+                torch.save(ema.state_dict(), ckpt / EMA_FILE.format(rank=rank))
+            full_state = _full_state_dict(scored, ep_size)  # a collective under EP
             if rank == 0:
                 (ckpt / STATE_FILE).write_text(json.dumps({"epoch": epoch, "history": history}))
                 save_model(full_state, cfg["model"], spec, ckpt / "model")

@@ -198,7 +198,12 @@ class TrainConfig(Section):
     seed: int = 0
     max_train_stays: Count = 0  # 0 = all
     modality_dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.0
+    # Loss weight of a task (default 1), e.g. {los_days: 0.3} for an auxiliary task.
+    task_weights: dict[str, PositiveFloat] = {}
     bucket_by_length: bool = False  # batches of similar length (less padding, other metrics)
+    ema_decay: Annotated[Float, Field(ge=0, lt=1)] = (
+        0.0  # EMA of the weights, validated and saved; 0 = off
+    )
     use_best_params: bool = False  # lay the tune stage's best_params.yaml over model/train
     run_name: str = "fusemoe"
     checkpoint_dir: str = "runs/train"
@@ -207,6 +212,9 @@ class TrainConfig(Section):
     def _primary_is_reported(self) -> TrainConfig:
         # The loop reports val_<metric>_<task> per trained task; any other key never appears, and
         # checkpoint scoring and the search would find nothing to compare.
+        unknown = sorted(set(self.task_weights) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"train.task_weights: {unknown} not in train.tasks {self.tasks}")
         m = self.primary_metric
         if not (m.startswith("val_") and any(m.endswith(f"_{t}") for t in self.tasks)):
             raise ValueError(

@@ -10,6 +10,7 @@ offsets; its vectors are used as stored (the model layer-normalises them).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -49,6 +50,11 @@ class TaskSpec:
     name: str
     kind: str  # binary | regression | multiclass | multilabel
     num_outputs: int = 1
+    # Regression: the train split's target mean and std. The head learns the standardised target
+    # and the model outputs ``mean + std * head`` (fusemoe.nn.model), so the loss of a target in
+    # days weighs like a classification loss instead of swamping it (issue 17).
+    target_mean: float = 0.0
+    target_std: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,31 @@ def dataset_spec(manifest: dict) -> DataSpec:
         ),
         embeddings={m["name"]: int(m["width"]) for m in embedding_modalities(manifest)},
     )
+
+
+def standardise_regression(spec: DataSpec, directory: str | os.PathLike) -> DataSpec:
+    """`spec` with each regression task's ``target_mean``/``target_std`` from the labelled stays
+    of the whole train split (every rank computes the same, whatever its shard)."""
+    if not any(t.kind == "regression" for t in spec.tasks):
+        return spec
+    column = {t["name"]: t["column"] for t in load_manifest(directory)["tasks"]}
+    wanted = ["split", *(column[t.name] for t in spec.tasks if t.kind == "regression")]
+    fs, path = resolve(directory)
+    stays = pq.read_table(f"{path}/{STAYS_FILE}", filesystem=fs, columns=wanted)
+    stays = _select_stays(stays, "train", 0)
+    tasks = []
+    for t in spec.tasks:
+        if t.kind == "regression":
+            y = _label_array(stays.column(column[t.name]), {"kind": t.kind})
+            y = y[~np.isnan(y)]
+            if y.size < 2 or not np.std(y) > 0:
+                raise ValueError(
+                    f"task {t.name!r}: standardising its target needs labelled train stays "
+                    f"with at least two distinct values, found {y.size} labelled"
+                )
+            t = dataclasses.replace(t, target_mean=float(y.mean()), target_std=float(y.std()))
+        tasks.append(t)
+    return dataclasses.replace(spec, tasks=tasks)
 
 
 def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:

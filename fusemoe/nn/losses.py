@@ -65,19 +65,25 @@ def _task_kind(task: object) -> tuple[str, str]:
 
 
 def task_loss(
-    logits: Mapping[str, Tensor], labels: Mapping[str, Tensor], tasks: Sequence[object]
+    logits: Mapping[str, Tensor],
+    labels: Mapping[str, Tensor],
+    tasks: Sequence[object],
+    weights: Mapping[str, float] | None = None,
 ) -> Tensor:
-    """Mean over tasks of each task's loss, ignoring NaN labels.
+    """Mean over tasks of each task's loss, weighted by ``weights`` (task name -> weight, 1 for
+    a task not named; ``sum_t w_t L_t / sum_t w_t``), ignoring NaN labels.
 
     - binary: BCE with logits; logits [B] (or [B, 1]), labels [B] in {0, 1};
     - multiclass: cross-entropy; logits [B, C], labels class indices [B] (or one-hot [B, C]);
     - multilabel: BCE per label, averaged over the observed (non-NaN) entries of [B, C];
-    - regression: Huber (delta 1), robust to the heavy tails of targets such as length of stay.
+    - regression: Huber (delta 1) of the standardised error ``(out - y) / target_std`` (the
+      task's train-split std, 1 when unknown), robust to the heavy tails of length of stay and on
+      the scale of the classification losses.
 
     A task with no labelled sample in the batch is skipped; with none at all the loss is a zero
     that is still connected to the graph (so ``backward`` works on any batch).
     """
-    losses = []
+    losses, used = [], []
     anchor = None
     for task in tasks:
         name, kind = _task_kind(task)
@@ -91,7 +97,9 @@ def task_loss(
             if kind == "binary":
                 losses.append(F.binary_cross_entropy_with_logits(out[keep], y[keep]))
             else:
-                losses.append(F.huber_loss(out[keep], y[keep], delta=1.0))
+                std = float(getattr(task, "target_std", 1.0))
+                losses.append(F.huber_loss(out[keep] / std, y[keep] / std, delta=1.0))
+            used.append(name)
         elif kind == "multiclass":
             out = out.float()
             if y.dim() == 2:  # one-hot (rows with any NaN are unlabelled)
@@ -103,16 +111,19 @@ def task_loss(
             if not keep.any():
                 continue
             losses.append(F.cross_entropy(out[keep], y[keep].long()))
+            used.append(name)
         elif kind == "multilabel":
             out, y = out.float(), y.float()
             keep = ~torch.isnan(y)
             if not keep.any():
                 continue
             losses.append(F.binary_cross_entropy_with_logits(out[keep], y[keep]))
+            used.append(name)
         else:
             raise ValueError(f"task {name!r}: unknown kind {kind!r}")
     if not losses:
         if anchor is None:
             raise ValueError("task_loss needs at least one task")
         return anchor
-    return torch.stack(losses).mean()
+    w = torch.tensor([float((weights or {}).get(n, 1.0)) for n in used], device=losses[0].device)
+    return (torch.stack(losses) * w).sum() / w.sum()

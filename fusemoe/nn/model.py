@@ -184,6 +184,12 @@ class FuseMoE(nn.Module):
         self.has_static = int(spec.static_dim) > 0
         self.static_name: str | None = getattr(spec, "static_name", None)
         self.tasks = [(t.name, t.kind, int(t.num_outputs)) for t in spec.tasks]
+        # Regression heads learn the standardised target (fusemoe.data.dataset.TaskSpec).
+        self.target_scale = {
+            t.name: (float(getattr(t, "target_mean", 0.0)), float(getattr(t, "target_std", 1.0)))
+            for t in spec.tasks
+            if t.kind == "regression"
+        }
 
         d = cfg.d_model
         self.series_encoders = nn.ModuleDict(
@@ -281,6 +287,9 @@ class FuseMoE(nn.Module):
         logits = {}
         for name, kind, _ in self.tasks:
             out = self.heads[name](pooled)
+            if kind == "regression":
+                mean, std = self.target_scale[name]
+                out = mean + std * out
             logits[name] = out.squeeze(-1) if kind in ("binary", "regression") else out
         aux, routing = self._aux(moe_outs, logits, batch, pooled)
         return ModelOutput(logits=logits, aux_loss=aux, routing=routing)
