@@ -72,6 +72,11 @@ class Entry:
     train: dict = field(default_factory=dict)
 
 
+# Train overrides shared by several entries: weight averaging with a cosine schedule, and length
+# of stay as an auxiliary task (standardised days, weight 0.3).
+EMA_COSINE = {"ema_decay": 0.99, "lr_schedule": "cosine", "warmup_epochs": 1}
+LOS_AUX = {"tasks": ["ihm", "los_days"], "task_weights": {"los_days": 0.3}}
+
 CONFIGS: dict[str, Entry] = {
     "gbm": Entry("gbm", "HistGradientBoosting on per-variable summaries + static"),
     "logreg": Entry("logreg", "Logistic regression (median impute + indicators, standardised)"),
@@ -168,7 +173,7 @@ CONFIGS: dict[str, Entry] = {
         "fusemoe",
         "FuseMoE, Laplace, per-modality; EMA 0.99, 1 warmup epoch, cosine decay over 8 epochs",
         {"gate": "laplace", "router": "per_modality"},
-        {"ema_decay": 0.99, "lr_schedule": "cosine", "warmup_epochs": 1},
+        EMA_COSINE,
     ),
     "fusemoe_laplace_ema99_lr5e4": Entry(
         "fusemoe",
@@ -186,26 +191,20 @@ CONFIGS: dict[str, Entry] = {
         "fusemoe",
         "FuseMoE, Laplace, per-modality; EMA 0.99, auxiliary length of stay (standardised, weight 0.3)",
         {"gate": "laplace", "router": "per_modality"},
-        {"ema_decay": 0.99, "tasks": ["ihm", "los_days"], "task_weights": {"los_days": 0.3}},
+        {"ema_decay": 0.99} | LOS_AUX,
     ),
     "fusemoe_laplace_ema99_cosine_los": Entry(
         "fusemoe",
         "FuseMoE, Laplace, per-modality; EMA 0.99, cosine over 8 epochs (1 warmup), auxiliary "
         "length of stay (standardised, weight 0.3)",
         {"gate": "laplace", "router": "per_modality"},
-        {
-            "ema_decay": 0.99,
-            "lr_schedule": "cosine",
-            "warmup_epochs": 1,
-            "tasks": ["ihm", "los_days"],
-            "task_weights": {"los_days": 0.3},
-        },
+        EMA_COSINE | LOS_AUX,
     ),
     "fusemoe_laplace_los": Entry(
         "fusemoe",
         "FuseMoE, Laplace, per-modality; auxiliary length of stay (standardised days, weight 0.3)",
         {"gate": "laplace", "router": "per_modality"},
-        {"tasks": ["ihm", "los_days"], "task_weights": {"los_days": 0.3}},
+        LOS_AUX,
     ),
     "fusemoe_laplace_losgt7": Entry(
         "fusemoe",
@@ -225,21 +224,14 @@ CONFIGS: dict[str, Entry] = {
             "num_ref_points": 32,
             "expert_hidden": 256,
         },
-        {"ema_decay": 0.99, "lr_schedule": "cosine", "warmup_epochs": 1},
+        EMA_COSINE,
     ),
     "fusemoe_laplace_ema99_cosine_los_bucketed": Entry(
         "fusemoe",
         "FuseMoE, Laplace, per-modality; EMA 0.99, cosine, auxiliary length of stay (0.3), "
         "training batches bucketed by length",
         {"gate": "laplace", "router": "per_modality"},
-        {
-            "ema_decay": 0.99,
-            "lr_schedule": "cosine",
-            "warmup_epochs": 1,
-            "tasks": ["ihm", "los_days"],
-            "task_weights": {"los_days": 0.3},
-            "bucket_by_length": True,
-        },
+        EMA_COSINE | LOS_AUX | {"bucket_by_length": True},
     ),
     "fusemoe_laplace_bucketed": Entry(
         "fusemoe",

@@ -12,6 +12,12 @@ import torch
 
 STATIC = "static"
 
+# The smallest FuseMoE (params.yaml ``model`` keys) for tests that run the training loop;
+# tests add the gate, router and dropout they are about.
+TINY_MODEL = dict(
+    d_model=8, n_heads=1, n_layers=1, num_ref_points=4, num_experts=2, top_k=1, expert_hidden=8
+)
+
 
 @dataclass
 class Task:

@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from batches import TINY_MODEL  # noqa: E402
+
 from benchmarks.shipped_loop import train_keeping_best  # noqa: E402
 from fusemoe.data.dataset import FlexiModalDataset, collate, dataset_spec  # noqa: E402
 from fusemoe.data.flexi import load_manifest, write_flexi  # noqa: E402
@@ -19,18 +21,7 @@ from fusemoe.inference import predict  # noqa: E402
 from fusemoe.loop import select_tasks  # noqa: E402
 from fusemoe.metrics import best_index, task_metrics  # noqa: E402
 
-MODEL = dict(
-    d_model=8,
-    n_heads=1,
-    n_layers=1,
-    num_ref_points=4,
-    num_experts=2,
-    top_k=1,
-    expert_hidden=8,
-    gate="softmax",
-    router="joint",
-    dropout=0.0,
-)
+MODEL = TINY_MODEL | dict(gate="softmax", router="joint", dropout=0.0)
 PRIMARY = "val_auroc_ihm"
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from batches import TINY_MODEL
 from torch.utils.data import DataLoader
 
 from fusemoe.data.dataset import (
@@ -67,16 +68,7 @@ def test_statistics_are_those_of_the_labelled_train_stays(data):
 def test_trained_model_predicts_days_with_the_saved_train_statistics(data, tmp_path):
     cfg = {
         "data_dir": str(data),
-        "model": dict(
-            d_model=8,
-            n_heads=1,
-            num_ref_points=4,
-            num_experts=2,
-            top_k=1,
-            expert_hidden=8,
-            gate="softmax",
-            router="joint",
-        ),
+        "model": TINY_MODEL | dict(gate="softmax", router="joint"),
         "train": {
             "tasks": ["ihm", "los_days"],
             "task_weights": {"los_days": 0.3},

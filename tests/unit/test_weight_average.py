@@ -7,24 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from batches import TINY_MODEL
 
 from fusemoe.data.flexi import write_flexi
 from fusemoe.data.synthetic import synthesize
 from fusemoe.loop import EMA_FILE, train, weight_average
 from fusemoe.model_io import MODEL_FILE
 
-MODEL = dict(
-    d_model=8,
-    n_heads=1,
-    n_layers=1,
-    num_ref_points=4,
-    num_experts=2,
-    top_k=1,
-    expert_hidden=8,
-    gate="laplace",
-    router="per_modality",
-    dropout=0.1,
-)
+MODEL = TINY_MODEL | dict(gate="laplace", router="per_modality", dropout=0.1)
 DECAY = 0.9
 
 
