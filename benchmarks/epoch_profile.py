@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -61,7 +62,14 @@ PHASES = (
 
 # The current tree with train.bucket_by_length off: what everything but the bucketing buys.
 UNBUCKETED = ("current_unbucketed",)
-EPOCH_KEYS = ("epoch_cpu_s", "epoch_s", "train_cpu_s", "train_s", "forward_cpu_s")
+EPOCH_KEYS = (
+    "epoch_cpu_s",
+    "epoch_cpu_s_all_ranks",
+    "epoch_s",
+    "train_cpu_s",
+    "train_s",
+    "forward_cpu_s",
+)
 
 
 # -- the measured subprocess -----------------------------------------------------------------
@@ -238,32 +246,63 @@ def baseline_tree(ref: str) -> Path:
     return dest / "tree"
 
 
-def run_one(tree: Path, args: argparse.Namespace, train_set: dict, threads: int) -> dict:
+def run_one(
+    tree: Path, args: argparse.Namespace, train_set: dict, threads: int, world: int = 1
+) -> dict:
+    """One training process, or `world` data-parallel ranks on a loopback gloo group (as Ray Train
+    starts them); the result is rank 0's, with every rank's CPU seconds summed beside it."""
     env = {
         **os.environ,
         "PYTHONPATH": str(tree),
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
     }
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--worker",
-            out.name,
-            "--epochs",
-            str(args.epochs),
-            "--threads",
-            str(threads),
-            "--data",
-            args.data,
-            "--max-train-stays",
-            str(args.max_train_stays),
-            "--train-set",
-            json.dumps(train_set),
-        ]
-        subprocess.run(cmd, env=env, check=True, cwd=tempfile.gettempdir())
-        return json.loads(Path(out.name).read_text())
+    if world > 1:
+        env |= {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for rank in range(world):
+            out = Path(tmp) / f"rank{rank}.json"
+            rank_env = env | ({"RANK": str(rank), "LOCAL_RANK": str(rank)} if world > 1 else {})
+            procs.append(
+                subprocess.Popen(
+                    _worker_cmd(out, args, train_set, threads),
+                    env=rank_env,
+                    cwd=tempfile.gettempdir(),
+                )
+            )
+        if any(p.wait() for p in procs):
+            raise RuntimeError(f"a measured process of {tree} failed")
+        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)]
+    res = ranks[0] | {"world": world}
+    for i, epoch in enumerate(res["epochs"]):
+        epoch["epoch_cpu_s_all_ranks"] = sum(r["epochs"][i]["epoch_cpu_s"] for r in ranks)
+    return res
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _worker_cmd(out: Path, args: argparse.Namespace, train_set: dict, threads: int) -> list[str]:
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(out),
+        "--epochs",
+        str(args.epochs),
+        "--threads",
+        str(threads),
+        "--data",
+        args.data,
+        "--max-train-stays",
+        str(args.max_train_stays),
+        "--train-set",
+        json.dumps(train_set),
+    ]
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -306,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline-threads",
         type=int,
         help="torch threads of the baseline tree (default --threads): each tree at its default",
+    )
+    ap.add_argument(
+        "--world", type=int, default=1, help="data-parallel ranks of this tree (ray.num_workers)"
     )
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--max-train-stays", type=int, default=0, help="0 = the whole train split")
@@ -361,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": "params.yaml + best_params.yaml (train.epochs and max_train_stays overridden)",
         "epochs_per_process": args.epochs,
         "torch_threads": args.threads,
+        "world": args.world,
+        "baseline_world": 1,
         "baseline_torch_threads": args.baseline_threads or args.threads,
         "data": args.data,
         "baseline_ref": args.baseline_tree or args.baseline_ref,
@@ -384,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             threads = args.threads
             if code == "baseline" and args.baseline_threads:
                 threads = args.baseline_threads
-            res = run_one(trees[code], args, train_set, threads)
+            # The baseline runs one rank, as its default (ray.num_workers: 1) did.
+            world = 1 if code == "baseline" else args.world
+            res = run_one(trees[code], args, train_set, threads, world)
             res.update(code=code, rep=rep, wall_s=time.perf_counter() - t)
             result["runs"].append(res)
             result["summary"] = summarise(result["runs"])

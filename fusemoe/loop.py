@@ -111,6 +111,17 @@ def select_tasks(spec: DataSpec, names: list[str]) -> DataSpec:
     return dataclasses.replace(spec, tasks=[known[n] for n in names])
 
 
+def per_rank_batch(batch_size: int, world: int) -> int:
+    """``train.batch_size`` is the global batch (stays per optimizer step): each of the `world`
+    ranks runs its share, so adding workers speeds an epoch up without changing the optimization."""
+    if batch_size % world:
+        raise ValueError(
+            f"train.batch_size={batch_size} is not divisible by the {world} training workers: "
+            f"use a multiple of {world} (each worker runs batch_size / workers stays a step)"
+        )
+    return batch_size // world
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -145,7 +156,7 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     """
     import deepspeed
 
-    from fusemoe.parallel.engine import deepspeed_config
+    from fusemoe.parallel.engine import deepspeed_config, grad_clip, loop_clips
 
     tcfg, dcfg = cfg["train"], cfg["deepspeed"]
     use_cuda = torch.cuda.is_available() and cfg.get("use_gpu", False)
@@ -171,7 +182,7 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     ep_size = int(dcfg.get("ep_size", 1))
     val_shard = (rank, world) if ep_size == 1 else (0, 1)
     val_ds = FlexiModalDataset(data_dir, "val", shard=val_shard)
-    bs = int(tcfg["batch_size"])
+    bs = per_rank_batch(int(tcfg["batch_size"]), world)
     sampler = ShardBatches(
         len(train_ds),
         bs,
@@ -237,6 +248,7 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
             # (e.g. a Tune search interrupted just then): report it again, nothing is retrained.
             report(history[-1], Path(restore_dir))
 
+    clip = grad_clip(dcfg) if loop_clips(dcfg) else 0.0  # else DeepSpeed clips in engine.step
     modality_dropout = float(tcfg.get("modality_dropout", 0.0))
     if not 0.0 <= modality_dropout < 1.0:
         raise ValueError(
@@ -258,6 +270,8 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}")
             engine.backward(loss)
+            if clip and engine.is_gradient_accumulation_boundary():
+                torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip, foreach=True)
             steps = engine.global_steps
             engine.step()
             if ema is not None and engine.global_steps > steps:  # an optimizer step was taken

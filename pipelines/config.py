@@ -340,6 +340,22 @@ class Params(Section):
     mlflow: MlflowConfig | None = None
     registry: RegistryConfig | None = None
 
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> Params:
+        """``train.batch_size`` is the global batch, split evenly over the training workers."""
+        if self.train is None:
+            return self
+        workers = {"ray.num_workers": self.ray.num_workers if self.ray else 1}
+        if self.tune is not None:
+            workers["tune.trial_workers"] = self.tune.trial_workers
+        for key, n in workers.items():
+            if self.train.batch_size % n:
+                raise ValueError(
+                    f"train.batch_size={self.train.batch_size} is not divisible by {key}={n}: "
+                    f"each worker runs batch_size / workers stays a step"
+                )
+        return self
+
 
 def validate(raw: Any) -> dict[str, dict]:
     """Every section of ``raw`` checked and completed with defaults; raises ConfigError."""

@@ -77,6 +77,7 @@ def main() -> None:
     args = stage_args(__doc__.splitlines()[0])
     skip_final_gc()
     params = apply_best_params(load_params(args.params, SECTIONS))
+    from fusemoe.loop import per_rank_batch
     from fusemoe.parallel.engine import deepspeed_config
     from ray_jobs import storage
     from ray_jobs.train import run_training
@@ -104,7 +105,9 @@ def main() -> None:
 
     ds = deepspeed_config(
         params["deepspeed"],
-        micro_batch_size=int(params["train"]["batch_size"]),
+        micro_batch_size=per_rank_batch(
+            int(params["train"]["batch_size"]), int(params["ray"]["num_workers"])
+        ),
         lr=float(params["train"]["lr"]),
         weight_decay=float(params["train"]["weight_decay"]),
     )

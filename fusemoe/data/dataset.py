@@ -469,7 +469,14 @@ class ShardBatches:
             half = (len(chunks[j]) + 1) // 2
             chunks[j : j + 1] = [chunks[j][:half], chunks[j][half:]]
         if self.lengths is not None:
-            chunks = [chunks[j] for j in torch.randperm(len(chunks), generator=g).tolist()]
+            # Shuffled by a permutation of their length ranks that every rank draws alike (all
+            # have num_batches), so at each step the ranks run batches of similar length: a
+            # data-parallel step waits for its slowest rank.
+            longest = [int(self.lengths[c].max()) if c else 0 for c in chunks]
+            by_length = sorted(range(len(chunks)), key=lambda j: longest[j])
+            same_on_all_ranks = torch.Generator().manual_seed(self.seed + self.epoch)
+            perm = torch.randperm(len(chunks), generator=same_on_all_ranks).tolist()
+            chunks = [chunks[by_length[j]] for j in perm]
         return iter(chunks)
 
 

@@ -33,13 +33,14 @@ def deepspeed_config(
     if ep_size < 1:
         raise ValueError(f"deepspeed.ep_size={ep_size} must be >= 1")
     torch_adam = bool(ds_params.get("torch_adam", True))
-    # torch's AdamW defaults to its per-parameter loop on CPU; the multi-tensor one is the same
-    # update with fewer ops per step (DeepSpeed passes `foreach` on only to torch's AdamW).
-    adam_kwargs = {"torch_adam": True, "foreach": True} if torch_adam else {"torch_adam": False}
+    # torch's AdamW defaults to its per-parameter loop on CPU; the fused one (CPU and CUDA) is the
+    # same update in one kernel per parameter, a third of the step time of the multi-tensor one
+    # on P12 (DeepSpeed passes `fused` on only to torch's AdamW).
+    adam_kwargs = {"torch_adam": True, "fused": True} if torch_adam else {"torch_adam": False}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": int(micro_batch_size),
         "gradient_accumulation_steps": int(ds_params.get("gradient_accumulation_steps", 1)),
-        "gradient_clipping": float(ds_params.get("grad_clip", 0.0)),
+        "gradient_clipping": 0.0 if loop_clips(ds_params) else grad_clip(ds_params),
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -60,3 +61,20 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
     }
     return config
+
+
+def grad_clip(ds_params: dict[str, Any]) -> float:
+    return float(ds_params.get("grad_clip", 0.0))
+
+
+def loop_clips(ds_params: dict[str, Any]) -> bool:
+    """Whether the training loop clips the gradient norm itself, not DeepSpeed: in fp32 without
+    ZeRO or expert parallelism, where DeepSpeed's clip is a Python loop over the parameters (a
+    third of an optimizer step on P12's CPU profile) and torch's multi-tensor clip computes the
+    same norm. ZeRO partitions, bf16 master weights and expert shards need DeepSpeed's own."""
+    return (
+        grad_clip(ds_params) > 0
+        and int(ds_params.get("zero_stage", 0)) == 0
+        and ds_params.get("precision", "fp32") == "fp32"
+        and int(ds_params.get("ep_size", 1)) == 1
+    )

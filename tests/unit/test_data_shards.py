@@ -123,6 +123,25 @@ def test_length_bucketed_batches_are_seeded_by_epoch_and_mix_lengths_across_the_
     assert longest != sorted(longest)
 
 
+def test_length_bucketed_ranks_run_batches_of_similar_length_at_each_step():
+    """A data-parallel step waits for its slowest rank, so the ranks' k-th batches should pad to
+    about the same length, also when the shards differ in size (here 2001 and 2000 stays), where
+    shuffles drawn from each shard's own permutation would pair long with short."""
+    lengths = np.random.default_rng(2).integers(1, 300, 4001)
+    world, bs = 2, 16
+    num_batches = ShardBatches.per_rank(len(lengths), world, bs)
+    longest = []
+    for rank in range(world):
+        shard = np.arange(len(lengths))[rank::world]
+        sampler = ShardBatches(len(shard), bs, num_batches, seed=5, lengths=lengths[shard])
+        sampler.set_epoch(1)
+        longest.append(np.array([lengths[shard][b].max() for b in sampler]))
+    gap = np.abs(longest[0] - longest[1]).mean()
+    unpaired = np.abs(longest[0] - np.random.default_rng(0).permutation(longest[1])).mean()
+    assert gap < 0.1 * unpaired
+    assert not np.array_equal(longest[0], np.sort(longest[0]))  # still in random order
+
+
 def test_lengths_must_match_the_shard():
     with pytest.raises(ValueError, match="3 lengths for a shard of 4 stays"):
         ShardBatches(4, 2, 2, seed=0, lengths=np.ones(3))

@@ -2,9 +2,11 @@
 and reads back as meant (checked with DeepSpeed's own parser, ``DeepSpeedConfig``)."""
 
 import pytest
+import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
-from fusemoe.parallel.engine import deepspeed_config
+from fusemoe.loop import _init_distributed
+from fusemoe.parallel.engine import deepspeed_config, loop_clips
 
 
 def parsed(ds_params: dict, micro: int = 8, lr: float = 1e-3, wd: float = 0.0) -> DeepSpeedConfig:
@@ -19,15 +21,51 @@ def test_deepspeed_reads_back_stage_precision_clipping_and_adamw(stage, precisio
     assert ds.zero_optimization_stage == stage
     assert ds.bfloat16_config.enabled is (precision == "bf16")
     assert not ds.float16_config.enabled  # never fp16: no loss scaling anywhere
-    assert ds.gradient_clipping == 0.7
+    # fp32 without ZeRO: the loop clips (loop_clips), so DeepSpeed must not clip a second time
+    assert ds.gradient_clipping == (0.0 if (stage, precision) == (0, "fp32") else 0.7)
     assert ds.optimizer_name == "adamw"
     assert ds.optimizer_params["lr"] == 3e-4 and ds.optimizer_params["weight_decay"] == 0.02
     assert ds.optimizer_params["torch_adam"] is True  # no JIT-built fused op on CPU
 
 
-def test_torch_adamw_is_the_multi_tensor_one_and_fused_adam_gets_no_foreach():
-    assert parsed({}).optimizer_params["foreach"] is True  # torch's CPU default is the loop
-    assert "foreach" not in parsed({"torch_adam": False}).optimizer_params
+def test_torch_adamw_is_the_fused_one_and_deepspeeds_fused_adam_gets_no_torch_flag():
+    assert parsed({}).optimizer_params["fused"] is True  # torch's CPU default is the loop
+    assert "fused" not in parsed({"torch_adam": False}).optimizer_params
+
+
+@pytest.mark.parametrize(
+    ("ds_params", "loop"),
+    [
+        ({"grad_clip": 1.0}, True),
+        ({"grad_clip": 0.0}, False),  # nothing to clip
+        ({"grad_clip": 1.0, "zero_stage": 1}, False),  # ZeRO holds the gradient partitions
+        ({"grad_clip": 1.0, "precision": "bf16"}, False),  # the bf16 optimizer clips fp32 copies
+        ({"grad_clip": 1.0, "ep_size": 2}, False),  # expert shards: a norm over the EP group
+    ],
+    ids=str,
+)
+def test_the_loop_clips_only_where_deepspeeds_clip_adds_nothing(ds_params, loop):
+    assert loop_clips(ds_params) is loop
+    assert parsed(ds_params).gradient_clipping == (0.0 if loop else ds_params["grad_clip"])
+
+
+def test_torch_multi_tensor_clip_scales_gradients_as_deepspeeds_clip_does():
+    from deepspeed.runtime.utils import clip_grad_norm_ as deepspeed_clip
+
+    _init_distributed("gloo")  # DeepSpeed's clip averages the norm over the data-parallel group
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    model(torch.randn(32, 8)).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    torch_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5, foreach=True)
+    clipped = [p.grad.clone() for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g
+    ds_norm = deepspeed_clip(model.parameters(), 0.5)
+    assert torch_norm > 0.5  # the clip is active
+    assert torch.allclose(torch_norm, ds_norm.reshape(()))
+    for p, c in zip(model.parameters(), clipped, strict=True):
+        assert torch.allclose(p.grad, c, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
