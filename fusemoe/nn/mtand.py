@@ -80,7 +80,10 @@ class MTANDEncoder(nn.Module):
         self.register_buffer("ref_times", torch.linspace(0.0, horizon_h, num_ref_points))
         self.time_embed = Time2Vec(d_model, scale_h=horizon_h)
         self.query = nn.Linear(d_model, d_model)
-        self.key = nn.Linear(d_model, d_model)
+        # No key bias: it would only add a constant over the key times to every score (see
+        # interpolate). Models saved with one load unchanged (_drop_key_bias).
+        self.key = nn.Linear(d_model, d_model, bias=False)
+        self._register_load_state_dict_pre_hook(_drop_key_bias)
         self.count_features = count_features
         self.proj = nn.Linear((n_heads * 2 + count_features) * num_vars, d_model)
         self.position = nn.Linear(d_model, d_model)
@@ -99,40 +102,49 @@ class MTANDEncoder(nn.Module):
     def interpolate(self, values: Tensor, mask: Tensor, times: Tensor) -> tuple[Tensor, Tensor]:
         """Per head, reference time and variable: (attention average of v, v's attention mass),
         both [B, h, T, V]; an unobserved variable gives (0, 0)."""
-        b = values.shape[0]
+        b, _, num_vars = values.shape
         h, dk = self.n_heads, self.head_dim
         dtype = self.proj.weight.dtype  # fp32 batches feed a bf16 model too
         values, mask = values.to(dtype), mask.to(dtype)
         ref = self.time_embed(self.ref_times)  # [T, d]
-        # The 1/sqrt(dk) scale on the [h, T, dk] queries, not on the [B, h, T, L] scores.
-        q = self.query(ref).view(-1, h, dk).transpose(0, 1) / math.sqrt(dk)  # [h, T, dk]
-        k = self.key(self.time_embed(times)).view(b, -1, h, dk).transpose(1, 2)  # [B, h, L, dk]
-        scores = torch.einsum("htc,bhlc->bhtl", q, k)  # [B, h, T, L]
+        t = ref.shape[0]
+        # The 1/sqrt(dk) scale on the [T, h, dk] queries, not on the [B, L, h*T] scores.
+        q = self.query(ref).view(t, h, dk) / math.sqrt(dk)
+        # q . (W_k e + b_k) = (q W_k) . e + q . b_k for a key time's embedding e: the key
+        # projection folds into the h*T queries (one GEMM with the embeddings instead of a key
+        # GEMM and a score GEMM of the same size), and q . b_k is constant over the key times,
+        # so the softmax below does not see it (b_k gets no gradient).
+        qk = torch.einsum("thc,hcj->htj", q, self.key.weight.view(h, dk, -1)).reshape(h * t, -1)
+        scores = self.time_embed(times) @ qk.t()  # [B, L, h*T]
 
         # Attention over the sample's observation times (rows where any variable was observed).
-        row = (mask.sum(-1) > 0)[:, None, None, :]  # [B, 1, 1, L]
+        row = (mask.sum(-1) > 0)[:, :, None]  # [B, L, 1]
         # A sample with no observation at all gets uniform weights here, not the zeros of
         # _masked_softmax, but they only ever multiply its all-zero mask and values below, so
-        # its features are exactly 0 either way, without a pass over [B, h, T, L] to zero them.
-        attn = scores.masked_fill(~row, -1e30).softmax(dim=3)  # [B, h, T, L]
+        # its features are exactly 0 either way, without a pass over [B, L, h*T] to zero them.
+        attn = scores.masked_fill(~row, -1e30).softmax(dim=1)  # over the times L
         # Per-variable softmax = the row softmax restricted to v's rows and renormalised, so it is
         # computed without materialising [B, h, T, L, V]: numerator and normaliser per variable.
         # One product for both: [mask | values * mask] -> [density | numerator].
         observed = values * mask
-        density, numerator = torch.einsum(
-            "bhtl,blv->bhtv", attn, torch.cat([mask, observed], dim=-1)
-        ).chunk(2, dim=-1)  # density is the normaliser; also a feature
-        ok = density >= EXACT_MASS
+        out = torch.bmm(attn.transpose(1, 2), torch.cat([mask, observed], dim=-1))
+        density, numerator = out.view(b, h, t, 2 * num_vars).chunk(2, dim=-1)
+        ok = density >= EXACT_MASS  # density is the normaliser; also a feature
         value = numerator / torch.where(ok, density, torch.ones_like(density))
         # Entries of observed variables with (nearly) no mass: a softmax over v's own rows.
         redo = ~ok & (mask.sum(1) > 0)[:, None, None, :]
         if redo.any():
             bi, hi, ti, vi = redo.nonzero(as_tuple=True)
             keep = mask[bi, :, vi] > 0  # [n, L]
-            own = _masked_softmax(scores[bi, hi, ti], keep, dim=1)
+            own = _masked_softmax(scores[bi, :, hi * t + ti], keep, dim=1)
             exact = (own * observed[bi, :, vi]).sum(1)
             value = value.index_put((bi, hi, ti, vi), exact)
         return value, density
+
+
+def _drop_key_bias(state_dict: dict, prefix: str, *_args) -> None:
+    """Models saved before the key bias was removed carry one; it never changed an output."""
+    state_dict.pop(prefix + "key.bias", None)
 
 
 # Below this attention mass a variable's average is recomputed over its own rows (see

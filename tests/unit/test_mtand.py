@@ -100,3 +100,19 @@ def test_gradients_through_the_exact_path_match_float64():
     float64_reference(enc, ref)[0][..., 1].sum().backward()
     torch.testing.assert_close(x.grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
     assert x.grad[0, 5:, 1].sum() > 1  # d(sum of averages)/dx: the weights, summed over h, T
+
+
+def test_a_key_bias_never_changes_the_encoding_so_models_saved_with_one_still_load():
+    """Older models have a key bias: q . b_k is the same for every key time of a query, so the
+    softmax over key times ignores it; the encoder dropped it and loads such models unchanged."""
+    enc = sharpened(1.0)
+    bias = torch.randn(8, generator=torch.Generator().manual_seed(1)) * 3
+    loaded = MTANDEncoder(num_vars=2, d_model=8, n_heads=2, num_ref_points=5)
+    loaded.load_state_dict(enc.state_dict() | {"key.bias": bias})  # strict: nothing else differs
+    with_bias = copy.deepcopy(enc).double()
+    with_bias.key = torch.nn.Linear(8, 8).double()
+    with torch.no_grad():
+        with_bias.key.weight.copy_(enc.key.weight)
+        with_bias.key.bias.copy_(bias)
+    value, _ = float64_reference(with_bias)
+    assert torch.allclose(value_channel(loaded).double(), value, atol=1e-5)
