@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -258,7 +257,14 @@ def run_one(
         "MKL_NUM_THREADS": str(threads),
     }
     if world > 1:
-        env |= {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()}
+        from ray_jobs.local_cluster import free_port
+
+        env |= {
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),  # one machine, as Ray Train says of local workers
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for rank in range(world):
@@ -278,12 +284,6 @@ def run_one(
     for i, epoch in enumerate(res["epochs"]):
         epoch["epoch_cpu_s_all_ranks"] = sum(r["epochs"][i]["epoch_cpu_s"] for r in ranks)
     return res
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _worker_cmd(out: Path, args: argparse.Namespace, train_set: dict, threads: int) -> list[str]:

@@ -41,6 +41,7 @@ from fusemoe.inference import merge_predictions, predict
 from fusemoe.metrics import task_metrics
 from fusemoe.model_io import build_model, save_model
 from fusemoe.nn.losses import task_loss
+from fusemoe.parallel import shm_allreduce
 
 STATE_FILE = "train_state.json"
 # The EMA of the weights (train.ema_decay > 0), one file per rank (expert-parallel ranks hold
@@ -132,8 +133,6 @@ def _world() -> int:
 
 def _init_distributed(backend: str) -> None:
     """DeepSpeed needs a process group; a lone process gets a one-rank group on 127.0.0.1."""
-    import deepspeed
-
     if not dist.is_initialized() and os.environ.get("WORLD_SIZE", "1") == "1":
         # A lone process (e.g. a Tune trial): its own one-rank group on a free loopback port, never
         # a MASTER_PORT inherited from whatever started this process.
@@ -145,7 +144,7 @@ def _init_distributed(backend: str) -> None:
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
         )
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    shm_allreduce.init_distributed(backend)
 
 
 def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print) -> dict:
@@ -156,7 +155,12 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     """
     import deepspeed
 
-    from fusemoe.parallel.engine import deepspeed_config, grad_clip, loop_clips
+    from fusemoe.parallel.engine import (
+        deepspeed_config,
+        grad_clip,
+        loop_clips,
+        plain_data_parallel,
+    )
 
     tcfg, dcfg = cfg["train"], cfg["deepspeed"]
     use_cuda = torch.cuda.is_available() and cfg.get("use_gpu", False)
@@ -223,7 +227,10 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         config=ds_config,
         lr_scheduler=scheduler,
     )
-    if world == 1 and int(dcfg.get("zero_stage", 0)) == 0:
+    # Several CPU ranks on one machine average their gradients over shared memory (plain data
+    # parallelism only: ZeRO and expert shards reduce over their own groups).
+    shm_reduce = world > 1 and shm_allreduce.ready() and plain_data_parallel(dcfg)
+    if (world == 1 and int(dcfg.get("zero_stage", 0)) == 0) or shm_reduce:
         # One rank has nothing to reduce, but DeepSpeed would still flatten every gradient into
         # buckets, all-reduce them over the one-rank group and copy them back, each step.
         engine.enable_backward_allreduce = False
@@ -270,8 +277,11 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}")
             engine.backward(loss)
-            if clip and engine.is_gradient_accumulation_boundary():
-                torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip, foreach=True)
+            if engine.is_gradient_accumulation_boundary():
+                if shm_reduce:
+                    shm_allreduce.average_gradients(engine.module.parameters(), world)
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip, foreach=True)
             steps = engine.global_steps
             engine.step()
             if ema is not None and engine.global_steps > steps:  # an optimizer step was taken

@@ -72,9 +72,13 @@ def loop_clips(ds_params: dict[str, Any]) -> bool:
     ZeRO or expert parallelism, where DeepSpeed's clip is a Python loop over the parameters (a
     third of an optimizer step on P12's CPU profile) and torch's multi-tensor clip computes the
     same norm. ZeRO partitions, bf16 master weights and expert shards need DeepSpeed's own."""
+    return grad_clip(ds_params) > 0 and plain_data_parallel(ds_params)
+
+
+def plain_data_parallel(ds_params: dict[str, Any]) -> bool:
+    """fp32 weights replicated on every rank: no ZeRO partitions, no expert shards."""
     return (
-        grad_clip(ds_params) > 0
-        and int(ds_params.get("zero_stage", 0)) == 0
+        int(ds_params.get("zero_stage", 0)) == 0
         and ds_params.get("precision", "fp32") == "fp32"
         and int(ds_params.get("ep_size", 1)) == 1
     )
