@@ -176,6 +176,7 @@ class ModelConfig(Section):
     count_features: bool = _M.count_features
     summary_token: bool = _M.summary_token
     experts_backend: Backend = _M.experts_backend
+    value_clip: NonNegativeFloat = _M.value_clip  # 0 = off
 
     @model_validator(mode="after")
     def _model_rules(self) -> ModelConfig:

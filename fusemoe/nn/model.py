@@ -66,6 +66,9 @@ class FuseMoEConfig:
     count_features: bool = False  # mTAND tokens also carry log(1 + observations) per variable
     summary_token: bool = False  # one more token of per-variable summaries (fusemoe.nn.summary)
     experts_backend: str = "auto"  # fusemoe.nn.experts backend: auto | grouped | loop
+    # > 0: standardised series and static values are clamped to [-value_clip, value_clip] before
+    # the encoders (P12 has values 158 train stds out, e.g. WBC; a tree model never sees scale).
+    value_clip: float = 0.0
 
     def __post_init__(self) -> None:
         if self.gate not in GATE_TYPES:
@@ -234,8 +237,13 @@ class FuseMoE(nn.Module):
         """All modality tokens of each sample, [B, S, d]."""
         present, tokens = batch.get("present", {}), []
         b = len(batch["stay_id"]) if "stay_id" in batch else len(next(iter(present.values())))
+        series, static = batch.get("series", {}), batch.get("static")
+        if self.cfg.value_clip > 0:
+            series = {n: s | {"values": self._clip(s["values"])} for n, s in series.items()}
+            if static is not None:
+                static = static | {"values": self._clip(static["values"])}
         # Series and embedding modalities alike: values/mask/times at irregular times -> T tokens.
-        timed = [(n, batch["series"].get(n), self.series_encoders[n]) for n in self.series_names]
+        timed = [(n, series.get(n), self.series_encoders[n]) for n in self.series_names]
         timed += [
             (n, batch.get("embeddings", {}).get(n), self.embedding_encoders[n])
             for n in self.embedding_names
@@ -252,16 +260,18 @@ class FuseMoE(nn.Module):
                 is_present = series_present(flag.to(h.device), s["mask"])
             tokens.append(self.modality_embed[i](h, is_present))
         if self.has_static:
-            st = batch["static"]
+            st = static
             h = self.static_encoder(st["values"], st["mask"])
             static_embed = self.modality_embed[len(timed)]  # right after the timed modalities
             tokens.append(static_embed(h, self._static_present(batch, st["mask"])))
         if self.summary_encoder is not None:
-            series = batch["series"]
             h = self.summary_encoder(series, present, b)
             seen = any_series_observed(series, present, b, h.device)
             tokens.append(self.modality_embed[-1](h, seen))
         return torch.cat(tokens, dim=1)
+
+    def _clip(self, values: Tensor) -> Tensor:
+        return values.clamp(-self.cfg.value_clip, self.cfg.value_clip)
 
     def _static_present(self, batch: dict, mask: Tensor) -> Tensor:
         """Static presence: its ``present`` flag (key = the static modality's name, i.e. the one

@@ -62,7 +62,7 @@ def tiny_params(params: dict, tmp: Path) -> dict:
     params["train"].update(
         epochs=2, batch_size=32, tasks=["ihm", "los_days"], primary_metric="val_auroc_ihm"
     )
-    params["ray"].update(num_workers=1, storage_path=str(tmp / "ray"))
+    params["ray"].update(storage_path=str(tmp / "ray"))  # the default 2 workers x 1 CPU
     # A two-trial search whose best values the train stage then uses (train.use_best_params).
     params["tune"].update(
         num_samples=2,

@@ -380,3 +380,20 @@ def test_dropout_keeps_a_value_with_probability_one_minus_p_and_rescales_it():
     assert set(x.grad.unique().tolist()) <= {0.0, torch.tensor(1 / 0.75).item()}
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))
+
+
+def test_value_clip_bounds_what_the_encoders_see_and_nothing_else():
+    spec = Spec()
+    torch.manual_seed(0)
+    clipped = FuseMoE(FuseMoEConfig(**SMALL, value_clip=30.0), spec).eval()
+    plain = FuseMoE(FuseMoEConfig(**SMALL), spec).eval()
+    plain.load_state_dict(clipped.state_dict())
+    batch = random_batch(spec, n=4)
+    outlier, at_bound = copy.deepcopy(batch), copy.deepcopy(batch)
+    outlier["series"]["vitals"]["values"][0, 0, 0] = 1000.0  # an observed value
+    at_bound["series"]["vitals"]["values"][0, 0, 0] = 30.0  # the random values are all within
+    outlier["static"]["values"][1, 0] = -500.0
+    at_bound["static"]["values"][1, 0] = -30.0
+    with torch.no_grad():
+        assert torch.equal(clipped(outlier).logits["ihm"], plain(at_bound).logits["ihm"])
+        assert not torch.equal(plain(outlier).logits["ihm"], plain(at_bound).logits["ihm"])
