@@ -15,6 +15,8 @@ Bad input prints one line `error: <file, record/row, column: problem>` and exits
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +42,19 @@ from pipelines.download import DEFAULT_DIR as DOWNLOAD_DIR
 SOURCES = config.DATA_SOURCES
 
 
+SPILL_PREFIX = ".prepare-events-"  # + "<pid>-<random>": a killed run's spill is found by its pid
+
+
+def remove_stale_spills(parent: Path) -> None:
+    """Spill directories of prepare runs that were killed (SIGKILL skips their clean-up)."""
+    import psutil
+
+    for d in parent.glob(f"{SPILL_PREFIX}*"):
+        pid = d.name[len(SPILL_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def prepare(data: dict, params_file: str = "params.yaml") -> dict:
     """Build `data.out_dir` from the `data` params; returns the written manifest."""
     source = data.get("source", "physionet2012")
@@ -54,7 +69,9 @@ def prepare(data: dict, params_file: str = "params.yaml") -> dict:
         # stream through write_flexi: memory follows a parse chunk, not the data set.
         parent = Path(out_dir).resolve().parent
         parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".prepare-events-", dir=parent) as spill:
+        remove_stale_spills(parent)
+        prefix = f"{SPILL_PREFIX}{os.getpid()}-"
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as spill:
             stays, events, manifest = read_physionet2012(
                 data.get("download_dir") or DOWNLOAD_DIR,
                 split=split,
