@@ -226,6 +226,13 @@ CONFIGS: dict[str, Entry] = {
         },
         EMA_COSINE,
     ),
+    "fusemoe_laplace_ema99_cosine16_los": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, cosine over 16 epochs (1 warmup), auxiliary "
+        "length of stay (standardised, weight 0.3)",
+        {"gate": "laplace", "router": "per_modality"},
+        EMA_COSINE | LOS_AUX | {"epochs": 16},
+    ),
     "fusemoe_laplace_ema99_cosine_los_bucketed": Entry(
         "fusemoe",
         "FuseMoE, Laplace, per-modality; EMA 0.99, cosine, auxiliary length of stay (0.3), "
