@@ -233,6 +233,20 @@ CONFIGS: dict[str, Entry] = {
         {"gate": "laplace", "router": "per_modality"},
         EMA_COSINE | LOS_AUX | {"epochs": 16},
     ),
+    "fusemoe_laplace_ema99_cosine_los_clip5": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, cosine over 8 epochs (1 warmup), auxiliary "
+        "length of stay (0.3); standardised values clamped to +-5",
+        {"gate": "laplace", "router": "per_modality", "value_clip": 5.0},
+        EMA_COSINE | LOS_AUX,
+    ),
+    "fusemoe_laplace_ema99_cosine_los_summary": Entry(
+        "fusemoe",
+        "FuseMoE, Laplace, per-modality; EMA 0.99, cosine over 8 epochs (1 warmup), auxiliary "
+        "length of stay (0.3); plus a token of per-variable summaries (what GBM sees)",
+        {"gate": "laplace", "router": "per_modality", "summary_token": True},
+        EMA_COSINE | LOS_AUX,
+    ),
     "fusemoe_laplace_ema99_cosine_los_bucketed": Entry(
         "fusemoe",
         "FuseMoE, Laplace, per-modality; EMA 0.99, cosine, auxiliary length of stay (0.3), "
