@@ -25,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from fusemoe.data.dataset import (
+    RANK_SEED_STRIDE,
     Batches,
     DataSpec,
     FlexiModalDataset,
@@ -193,6 +194,7 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         num_batches=ShardBatches.per_rank(train_ds.split_size, world, bs),
         seed=int(tcfg["seed"]),
         lengths=train_ds.num_rows() if tcfg.get("bucket_by_length", False) else None,
+        rank=rank,
     )
     # Batches are gathered whole from the dataset's flat arrays (no per-stay arrays, no collate).
     train_loader = DataLoader(
@@ -265,9 +267,10 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
-        # Dropout RNG from (seed, epoch), not from the process's past: a run resumed after a
-        # failure trains exactly like an uninterrupted one.
-        set_seed(int(tcfg["seed"]) * 1000 + epoch)
+        # Dropout RNG from (seed, epoch, rank), not from the process's past: a run resumed after
+        # a failure trains exactly like an uninterrupted one, and the ranks draw their own masks
+        # (the same stream on every rank would repeat one mask on each half of a global batch).
+        set_seed(int(tcfg["seed"]) * 1000 + epoch + RANK_SEED_STRIDE * rank)
         engine.train()
         total, n_batches, n_samples, routing_acc = 0.0, 0, 0, {}
         for batch in train_loader:

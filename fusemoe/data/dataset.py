@@ -407,6 +407,9 @@ def _select_stays(stays: pa.Table, split: str | None, max_stays: int) -> pa.Tabl
     return stays.slice(0, max_stays) if max_stays > 0 else stays
 
 
+RANK_SEED_STRIDE = 1_000_003  # rank r's random streams are offset by r times this (rank 0: none)
+
+
 class ShardBatches:
     """Batches of one rank's shard for every epoch: a batch sampler for ``DataLoader``.
 
@@ -433,13 +436,14 @@ class ShardBatches:
         num_batches: int,
         seed: int,
         lengths: np.ndarray | None = None,
+        rank: int = 0,
     ):
         if shard_size < num_batches:
             raise ValueError(f"{shard_size} stays cannot fill {num_batches} batches")
         if lengths is not None and len(lengths) != shard_size:
             raise ValueError(f"{len(lengths)} lengths for a shard of {shard_size} stays")
         self.shard_size, self.batch_size, self.num_batches = shard_size, batch_size, num_batches
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.rank = seed, 0, rank
         self.lengths = None if lengths is None else torch.as_tensor(lengths)
 
     @staticmethod
@@ -454,8 +458,11 @@ class ShardBatches:
         return self.num_batches
 
     def __iter__(self):
+        # Each rank permutes its shard with its own stream: with one stream, shards of equal
+        # size would get the same permutation, and stays r and r + 1 (neighbours across the
+        # rank::world shards) would share a step in every epoch.
         g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
+        g.manual_seed(self.seed + self.epoch + RANK_SEED_STRIDE * self.rank)
         order = torch.randperm(self.shard_size, generator=g)
         if self.lengths is not None:
             window = self.BUCKET_WINDOW * self.batch_size

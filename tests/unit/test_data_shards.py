@@ -142,6 +142,28 @@ def test_length_bucketed_ranks_run_batches_of_similar_length_at_each_step():
     assert not np.array_equal(longest[0], np.sort(longest[0]))  # still in random order
 
 
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_ranks_shuffle_their_shards_with_their_own_streams(bucketed):
+    """Shards are every world-th stay, so with one shared stream equal shards get the same
+    permutation and stays 2k and 2k + 1 would share a step in every epoch."""
+    n, world, bs = 800, 2, 16
+    lengths = np.random.default_rng(3).integers(1, 100, n) if bucketed else None
+    num_batches = ShardBatches.per_rank(n, world, bs)
+    same_step = []
+    for epoch in range(3):
+        steps = []
+        for rank in range(world):
+            shard = None if lengths is None else lengths[rank::world]
+            sampler = ShardBatches(n // world, bs, num_batches, 7, shard, rank=rank)
+            sampler.set_epoch(epoch)
+            step_of = np.empty(n // world, dtype=int)
+            for step, batch in enumerate(sampler):
+                step_of[batch] = step
+            steps.append(step_of)
+        same_step.append(np.mean(steps[0] == steps[1]))  # local stay i of both ranks
+    assert max(same_step) < 0.2  # about 1 / num_batches by chance, not 1
+
+
 def test_lengths_must_match_the_shard():
     with pytest.raises(ValueError, match="3 lengths for a shard of 4 stays"):
         ShardBatches(4, 2, 2, seed=0, lengths=np.ones(3))
