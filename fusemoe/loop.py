@@ -237,11 +237,9 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         # buckets, all-reduce them over the one-rank group and copy them back, each step.
         engine.enable_backward_allreduce = False
 
-    ema_decay = float(tcfg.get("ema_decay", 0.0))
-    if ema_decay and ep_size > 1:
-        # AveragedModel deep-copies the module, and an expert-parallel one holds process groups.
-        raise ValueError(f"train.ema_decay={ema_decay} needs deepspeed.ep_size 1, not {ep_size}")
-    ema = weight_average(engine.module, ema_decay)
+    # Under expert parallelism each rank averages its own expert shards (the copy shares the
+    # process groups), and validation runs the average's all-to-alls like the model's.
+    ema = weight_average(engine.module, float(tcfg.get("ema_decay", 0.0)))
     scored = engine.module if ema is None else ema.module  # what validation and saving see
     start_epoch, history = 0, []
     if restore_dir is not None:

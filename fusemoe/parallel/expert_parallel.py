@@ -31,6 +31,8 @@ How the DeepSpeed engine (0.19.8) treats expert parameters, and what this module
 
 from __future__ import annotations
 
+import copy
+
 import deepspeed
 import deepspeed.comm
 import torch
@@ -130,6 +132,15 @@ class ExpertParallelExperts(Experts, _DeepSpeedMoE):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ep_size={self.ep_size}, local_experts={self.num_local_experts}"
+
+    def __deepcopy__(self, memo: dict) -> ExpertParallelExperts:
+        """A copy of the weights that shares this rank's process group (a process group cannot be
+        copied): what a weight average (``train.ema_decay``) of an expert-parallel model needs."""
+        memo[id(self.ep_group)] = self.ep_group
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        copied.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return copied
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         """Local expert i's slice of each stacked weight, under DeepSpeed's per-expert key."""

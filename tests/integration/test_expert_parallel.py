@@ -22,6 +22,7 @@ pytest.importorskip("deepspeed")
 import deepspeed  # noqa: E402
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: E402
 
+from fusemoe.loop import weight_average  # noqa: E402
 from fusemoe.nn.experts import Experts  # noqa: E402
 from fusemoe.nn.gates import make_gate  # noqa: E402
 from fusemoe.parallel.engine import deepspeed_config  # noqa: E402
@@ -130,6 +131,32 @@ def _check_forward_backward(rank: int, backend: str) -> None:
 @pytest.mark.parametrize("backend", ["grouped", "loop"])
 def test_ep2_over_two_ranks_matches_ep1_outputs_loss_and_gradients(backend):
     launch(_check_forward_backward, backend=backend)
+
+
+def _check_weight_average(rank: int) -> None:
+    torch.manual_seed(0)
+    model = apply_expert_parallel(TinyMoE(), ep_size=WORLD)
+    ema = weight_average(model, 0.5)
+    assert ema.module.experts.ep_group is model.experts.ep_group  # shared, not copied
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema.update_parameters(model)  # the first update copies the weights
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update_parameters(model)  # 0.5 * w + 0.5 * (w + 1) for this rank's experts and the rest
+    for name, p in ema.module.named_parameters():
+        torch.testing.assert_close(p, start[name] + 0.5, msg=name)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.5)
+    x, _ = data()
+    mine = slice(rank * N, (rank + 1) * N)
+    # The average routes over the shared EP group like the model: same outputs at equal weights.
+    torch.testing.assert_close(ema.module(x[mine]), model(x[mine]))
+
+
+def test_a_weight_average_of_an_ep2_model_averages_each_ranks_experts_and_routes_alike():
+    launch(_check_weight_average)
 
 
 def _check_deepspeed_step(rank: int) -> None:
