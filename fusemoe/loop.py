@@ -113,17 +113,6 @@ def select_tasks(spec: DataSpec, names: list[str]) -> DataSpec:
     return dataclasses.replace(spec, tasks=[known[n] for n in names])
 
 
-def per_rank_batch(batch_size: int, world: int) -> int:
-    """``train.batch_size`` is the global batch (stays per optimizer step): each of the `world`
-    ranks runs its share, so adding workers speeds an epoch up without changing the optimization."""
-    if batch_size % world:
-        raise ValueError(
-            f"train.batch_size={batch_size} is not divisible by the {world} training workers: "
-            f"use a multiple of {world} (each worker runs batch_size / workers stays a step)"
-        )
-    return batch_size // world
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -160,6 +149,7 @@ def train(cfg: dict, report: Report, restore_dir: Path | None = None, log=print)
         deepspeed_config,
         grad_clip,
         loop_clips,
+        per_rank_batch,
         plain_data_parallel,
     )
 

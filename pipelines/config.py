@@ -46,7 +46,7 @@ from fusemoe.nn.experts import Backend
 from fusemoe.nn.gates import GATE_TYPES
 from fusemoe.nn.model import FuseMoEConfig
 from fusemoe.nn.moe import BALANCE_SCOPES, ROUTER_TYPES
-from fusemoe.parallel.engine import PRECISIONS, deepspeed_config
+from fusemoe.parallel.engine import PRECISIONS, deepspeed_config, per_rank_batch
 
 DATA_SOURCES = ("physionet2012", "synthetic", "flexi", "meds")
 
@@ -350,11 +350,7 @@ class Params(Section):
         if self.tune is not None:
             workers["tune.trial_workers"] = self.tune.trial_workers
         for key, n in workers.items():
-            if self.train.batch_size % n:
-                raise ValueError(
-                    f"train.batch_size={self.train.batch_size} is not divisible by {key}={n}: "
-                    f"each worker runs batch_size / workers stays a step"
-                )
+            per_rank_batch(self.train.batch_size, n, key)
         return self
 
 
@@ -436,6 +432,8 @@ def _describe(err: dict) -> str:
         what = _EXPECTED.get(kind, err["msg"])
     if kind == "list_type" and "<list>" in err["loc"]:
         what = "expected a list of values or a {low, high, log} range"
+    if not loc and kind in ("value_error", "assertion_error"):  # a rule across sections
+        return what
     if len(loc) == 1 and kind in ("value_error", "assertion_error"):  # a whole section's rule
         return what if what.startswith(f"{where}.") else f"{where}: {what}"
     if kind == "missing":

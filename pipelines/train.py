@@ -77,8 +77,7 @@ def main() -> None:
     args = stage_args(__doc__.splitlines()[0])
     skip_final_gc()
     params = apply_best_params(load_params(args.params, SECTIONS))
-    from fusemoe.loop import per_rank_batch
-    from fusemoe.parallel.engine import deepspeed_config
+    from fusemoe.parallel.engine import deepspeed_config, per_rank_batch
     from ray_jobs import storage
     from ray_jobs.train import run_training
 

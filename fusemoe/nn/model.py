@@ -260,10 +260,9 @@ class FuseMoE(nn.Module):
                 is_present = series_present(flag.to(h.device), s["mask"])
             tokens.append(self.modality_embed[i](h, is_present))
         if self.has_static:
-            st = static
-            h = self.static_encoder(st["values"], st["mask"])
+            h = self.static_encoder(static["values"], static["mask"])
             static_embed = self.modality_embed[len(timed)]  # right after the timed modalities
-            tokens.append(static_embed(h, self._static_present(batch, st["mask"])))
+            tokens.append(static_embed(h, self._static_present(batch, static["mask"])))
         if self.summary_encoder is not None:
             h = self.summary_encoder(series, present, b)
             seen = any_series_observed(series, present, b, h.device)

@@ -63,6 +63,17 @@ def deepspeed_config(
     return config
 
 
+def per_rank_batch(batch_size: int, workers: int, what: str = "the training workers") -> int:
+    """``train.batch_size`` is the global batch (stays per optimizer step): each of `workers`
+    data-parallel ranks runs its share, so adding workers keeps the update rule."""
+    if batch_size % workers:
+        raise ValueError(
+            f"train.batch_size={batch_size} is not divisible by {what} ({workers}): "
+            f"each worker runs batch_size / workers stays a step"
+        )
+    return batch_size // workers
+
+
 def grad_clip(ds_params: dict[str, Any]) -> float:
     return float(ds_params.get("grad_clip", 0.0))
 

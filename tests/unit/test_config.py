@@ -123,6 +123,7 @@ def test_misspelt_section_is_an_error_not_a_silently_missing_section():
         ("tune", "lr", {"low": 1e-2, "high": 1e-3}, 'tune.lr = {"low": 0.01, "high": 0.001}: low 0.01 is above high 0.001'),
         ("tune", "lr", {"low": 1e-3, "hi": 1e-2}, "tune.lr.high: missing (required); tune.lr.hi = 0.01: unknown key (did you mean high?)"),
         ("tune", "lr", 0.001, "tune.lr = 0.001: expected a list of values or a {low, high, log} range"),
+        ("train", "batch_size", 63, "train.batch_size=63 is not divisible by ray.num_workers (2)"),
     ],
 )  # fmt: skip
 def test_ranges_and_cross_field_rules(section, key, value, line):
